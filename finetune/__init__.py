@@ -1,0 +1,21 @@
+"""finetune: adapt pretrained vision-language models to your own images with LoRA / QLoRA.
+
+The public API is imported lazily so `finetune recipes` and `--help` start without loading torch.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+_API = {
+    "load_recipe": "finetune.config",
+    "Recipe": "finetune.config",
+    "train": "finetune.train",
+    "FinetuneError": "finetune.errors",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name):
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'finetune' has no attribute {name!r}")

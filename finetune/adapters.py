@@ -1,0 +1,104 @@
+"""LoRA targets resolved by inspecting the loaded model, and attaching them with peft."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+from finetune.config import AdapterConfig
+from finetune.errors import ConfigError
+from finetune.parts import Parts, find_parts, linear_names
+
+log = logging.getLogger(__name__)
+
+PART_ALIASES = {"projector": "projector", "vision_tower": "vision", "vision": "vision", "lm_head": "lm_head"}
+
+
+def lora_targets(model, cfg: AdapterConfig, parts: Parts | None = None) -> list[str]:
+    """Full names of the Linear layers that get LoRA.
+
+    `auto`: every Linear in the projector and the language decoder (attention and MLP), plus the
+    vision tower's when `adapter.vision_tower` is on. A list: regexes searched in the full names.
+    """
+    parts = parts or find_parts(model)
+    names = linear_names(model)
+    if cfg.targets == "auto":
+        wanted = {"projector", "decoder"} | ({"vision"} if cfg.vision_tower else set())
+        return [n for n in names if parts.part_of(n) in wanted]
+    patterns = [cfg.targets] if isinstance(cfg.targets, str) else cfg.targets
+    chosen = [n for n in names if any(re.search(p, n) for p in patterns)]
+    if not chosen:
+        raise ConfigError(f"adapter.targets {patterns} match no Linear layer (e.g. {names[:3]})")
+    return chosen
+
+
+def fully_trained_modules(model, cfg: AdapterConfig, parts: Parts | None = None) -> list[str]:
+    """Module names for `adapter.train_fully` (peft's modules_to_save): part aliases or module names."""
+    parts = parts or find_parts(model)
+    all_names = {name for name, _ in model.named_modules()}
+    chosen = []
+    for item in cfg.train_fully:
+        part = PART_ALIASES.get(item)
+        if part == "projector":
+            chosen += parts.projectors
+        elif part == "vision":
+            chosen += parts.vision
+        elif part == "lm_head" and parts.lm_head:
+            chosen.append(parts.lm_head)
+        elif item in all_names:
+            chosen.append(item)
+        else:
+            raise ConfigError(
+                f"adapter.train_fully: {item!r} is neither a part ({', '.join(PART_ALIASES)}) nor a module name"
+            )
+    return chosen
+
+
+def attach_adapters(model, cfg: AdapterConfig, quantized: bool = False, gradient_checkpointing: bool = False):
+    """Wrap the frozen model in a PeftModel; returns it with a one-line trainable/total report logged."""
+    if quantized:
+        # Casts norms to fp32 and, with checkpointing, makes the input embeddings require grad so
+        # gradients flow through checkpointed 4-bit blocks into the adapters.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    elif gradient_checkpointing:
+        model.enable_input_require_grads()
+    parts = find_parts(model)
+    full = fully_trained_modules(model, cfg, parts)
+    targets = lora_targets(model, cfg, parts)
+    targets = [t for t in targets if not any(t == f or t.startswith(f + ".") for f in full)]
+    if not cfg.lora:
+        # peft needs at least one LoRA layer; with adapter.lora=false we add a rank-1 one on a single
+        # decoder Linear and freeze it at zero (B starts at 0), so the run stays a standard PEFT adapter.
+        targets = targets[:1]
+    if not targets:
+        raise ConfigError("no Linear layer left for LoRA; check adapter.targets and adapter.train_fully")
+    lora = LoraConfig(
+        r=cfg.r if cfg.lora else 1,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        target_modules=targets,
+        modules_to_save=full or None,
+        bias="none",
+    )
+    model = get_peft_model(model, lora)
+    if not cfg.lora:
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(False)
+    trainable, total = count_parameters(model)
+    log.info(
+        "trainable parameters: %s of %s (%.2f%%); LoRA on %d layers, trained fully: %s",
+        f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1), len(targets) if cfg.lora else 0,
+        ", ".join(full) or "none",
+    )
+    return model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total); 4-bit weights count as their unpacked size, like peft's own report."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return int(trainable), int(total)

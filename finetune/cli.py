@@ -1,0 +1,55 @@
+"""The `finetune` command: parses arguments, calls the Python API, prints. One dict maps sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from finetune.errors import FinetuneError
+
+
+def cmd_train(args) -> None:
+    from finetune.train import train
+
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides.append("train.resume_from_checkpoint=true")
+    print(train(args.recipe, overrides))
+
+
+def cmd_recipes(args) -> None:
+    import yaml
+
+    from finetune.config import RECIPES_DIR, shipped_recipes
+
+    for path in shipped_recipes():
+        raw = yaml.safe_load(path.read_text()) or {}
+        name = path.relative_to(RECIPES_DIR).with_suffix("").as_posix()
+        print(f"{name:<20} {raw.get('description', '')}")
+
+
+COMMANDS = {"train": cmd_train, "recipes": cmd_recipes}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="finetune", description="Fine-tune vision-language models with LoRA / QLoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="run a recipe: finetune train RECIPE [KEY=VALUE ...]")
+    p.add_argument("recipe", help="recipe YAML path or shipped name (see `finetune recipes`)")
+    p.add_argument("overrides", nargs="*", help="dotted recipe keys, e.g. data.train=my.jsonl train.max_steps=100")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    sub.add_parser("recipes", help="list the shipped recipes")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except FinetuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints already written stay in the run folder", file=sys.stderr)
+        return 130
+    return 0

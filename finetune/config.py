@@ -1,0 +1,265 @@
+"""Recipes: typed dataclasses loaded from YAML plus dotted `key=value` overrides.
+
+YAML keys equal the dataclass field names. The `train:` section is passed straight to
+`transformers.TrainingArguments`, so every one of its fields is reachable from a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+TASKS = ("vqa", "caption", "dialogue")
+FORMATS = ("auto", "llava", "messages", "vqa", "caption")
+# PyYAML (YAML 1.1) reads `1e-4` as a string; everyone writes learning rates that way.
+SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny-llava"  # Hub id, local folder, or "tiny-llava" (the embedded default)
+    quantization: str = "none"  # none | 4bit (NF4 + double quantization, decoder only)
+    dtype: str = "auto"  # auto: bf16 on a GPU that has it, else fp32 | float32 | bfloat16 | float16
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    adapter: str | None = None  # an earlier run to merge into the base first (staged training)
+
+    def __post_init__(self):
+        _check_choice("model.quantization", self.quantization, ("none", "4bit"))
+        _check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class AdapterConfig:
+    lora: bool = True  # false + train_fully: [projector] is LLaVA's stage 1
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    use_dora: bool = False
+    use_rslora: bool = False
+    targets: str | list[str] = "auto"  # auto: projector + decoder linears; or module-name regexes
+    vision_tower: bool = False  # also put LoRA on the vision tower's linears
+    train_fully: list[str] = field(default_factory=list)  # parts or module names trained in full
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"adapter.r must be >= 1, got {self.r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"adapter.dropout must be in [0, 1), got {self.dropout}")
+        if not self.lora and not self.train_fully:
+            raise ConfigError("adapter.lora is false and adapter.train_fully is empty: nothing would train")
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # file, folder, saved HF dataset, Hub dataset name, or synthetic:KIND/SPLIT
+    eval: str | None = None
+    image_root: str | None = None  # default: the data file's folder
+    format: str = "auto"
+    max_length: int = 2048
+    on_too_long: str = "drop"  # drop (with a warning naming the rows) | fail
+    on_error: str = "fail"  # fail | skip: what an unusable row (missing image, no reply ...) does
+    columns: dict[str, str] = field(default_factory=dict)  # our name -> your column, e.g. {question: q}
+    prompt: str | None = None  # instruction for caption rows (task default when unset)
+    system_prompt: str | None = None
+    split: str = "train"  # split of a Hub or saved DatasetDict for data.train
+    eval_split: str | None = None  # split for data.eval (default: validation, then test)
+
+    def __post_init__(self):
+        _check_choice("data.format", self.format, FORMATS)
+        _check_choice("data.on_too_long", self.on_too_long, ("drop", "fail"))
+        _check_choice("data.on_error", self.on_error, ("fail", "skip"))
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length must be at least 8, got {self.max_length}")
+
+
+@dataclass
+class Recipe:
+    task: str = "vqa"
+    output_dir: str = "runs/run"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: dict[str, Any] = field(default_factory=dict)  # any transformers.TrainingArguments field
+    description: str = ""
+
+    def __post_init__(self):
+        _check_choice("task", self.task, TASKS)
+        self.train = {k: _number(v) for k, v in self.train.items()}
+        valid = training_argument_names() | {"group_by_length"}
+        for key in self.train:
+            if key not in valid:
+                raise ConfigError(_unknown_key_message(f"train.{key}", [f"train.{k}" for k in valid]))
+        if "output_dir" in self.train:
+            raise ConfigError("train.output_dir is set by the top-level output_dir key; use output_dir=...")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def training_argument_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe path, or a shipped recipe's short name (`demo/vqa`, `vqa`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = [p.relative_to(RECIPES_DIR).with_suffix("").as_posix() for p in shipped_recipes()]
+    hint = difflib.get_close_matches(str(name_or_path), names, n=3)
+    raise ConfigError(
+        f"recipe not found: {name_or_path}" + (f" (did you mean {', '.join(hint)}?)" if hint else "")
+        + " - `finetune recipes` lists the shipped ones"
+    )
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted(RECIPES_DIR.rglob("*.yaml"))
+
+
+def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict | None = None) -> Recipe:
+    """Build a validated Recipe from a YAML path (or shipped name), a dict, or a Recipe, plus overrides.
+
+    `overrides` is a list of `dotted.key=value` strings (values parsed as YAML) or a dict of
+    dotted keys to values (Python API: `train(recipe, **{"data.train": ...})`).
+    """
+    if isinstance(source, Recipe):
+        raw = source.to_dict()
+    elif isinstance(source, dict):
+        raw = dict(source)
+    else:
+        path = find_recipe(source)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}".splitlines()[0]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(raw).__name__}")
+    for key, value in parse_overrides(overrides).items():
+        _set_dotted(raw, key, value)
+    return _build(Recipe, raw, prefix="")
+
+
+def save_recipe(recipe: Recipe, path: Path) -> None:
+    path.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def parse_overrides(overrides) -> dict[str, Any]:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    parsed = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. data.train=my.jsonl)")
+        parsed[key.strip()] = _number(yaml.safe_load(value)) if value.strip() else None
+    return parsed
+
+
+def _number(value: Any) -> Any:
+    return float(value) if isinstance(value, str) and SCIENTIFIC.match(value) else value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key}: {'.'.join(parents[: i + 1])} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _build(cls, raw: dict, prefix: str):
+    """Instantiate a dataclass from a dict, naming the dotted key of any bad key or value."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.')} must be a section (mapping), got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(prefix + key, _all_keys(cls, prefix)))
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, prefix + key + ".")
+        else:
+            kwargs[key] = _coerce(prefix + key, value, hint)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: {err}") from None
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """Check a value against a field's type; accept ints for floats and scalars for str."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key} needs a value")
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin is list and isinstance(value, list):
+            return value
+        if origin is dict and isinstance(value, dict):
+            return value
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if origin is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        if origin is list and isinstance(value, str):
+            return [value]
+    wanted = " or ".join(getattr(o, "__name__", str(o)) for o in options if o is not type(None))
+    raise ConfigError(f"{key} must be {wanted}, got {value!r} ({type(value).__name__})")
+
+
+def _all_keys(cls, prefix: str) -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _all_keys(hints[f.name], prefix + f.name + ".")
+    return keys
+
+
+def _unknown_key_message(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown recipe key {key!r}{hint}"
+
+
+def _check_choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")

@@ -1,0 +1,126 @@
+"""From a data source to a training dataset: read rows, convert, encode once to check and measure.
+
+The up-front pass finds every unusable row before the first training step (a missing image costs
+seconds here, not a crash at step 9,000) and records each example's token length, which
+`group_by_length` needs and would otherwise get by decoding every image again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from finetune.config import DataConfig
+from finetune.data.collate import ChatEncoder, TooLong
+from finetune.data.formats import row_to_examples
+from finetune.data.sources import BadRow, Rows, read_rows
+from finetune.errors import DataError
+
+log = logging.getLogger(__name__)
+SHOWN_PROBLEMS = 20
+
+
+@dataclass
+class Report:
+    source: str
+    rows: int = 0
+    examples: int = 0
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (file:row, reason)
+    too_long: list[str] = field(default_factory=list)  # file:row of rows dropped for length
+
+    def summary(self) -> str:
+        lines = [f"{loc}: {reason}" for loc, reason in self.problems[:SHOWN_PROBLEMS]]
+        if len(self.problems) > SHOWN_PROBLEMS:
+            lines.append(f"... and {len(self.problems) - SHOWN_PROBLEMS} more")
+        counts = Counter(_reason_kind(reason) for _, reason in self.problems)
+        lines.append(
+            f"{self.source}: {len(self.problems)} unusable row(s) of {self.rows}"
+            + (" (" + ", ".join(f"{n} {kind}" for kind, n in counts.most_common()) + ")" if counts else "")
+        )
+        return "\n".join(lines)
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Encodes one example per item, opening its images then (never all images in memory at once)."""
+
+    def __init__(self, examples: list[dict], encoder: ChatEncoder, lengths: list[int]):
+        self.examples = examples
+        self.encoder = encoder
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.encoder.encode(self.examples[index])
+
+
+def load_examples(spec: str, cfg: DataConfig, split: str) -> tuple[Rows, list[dict], Report]:
+    """Every row converted to Examples (each tagged with its `location`), plus the rows that failed."""
+    rows = read_rows(spec, split)
+    report = Report(source=rows.name, rows=len(rows))
+    examples = []
+    for index in range(len(rows)):
+        row = rows[index]
+        location = rows.location(index)
+        if isinstance(row, BadRow):
+            report.problems.append((location, row.reason))
+            continue
+        try:
+            for example in row_to_examples(row, cfg.format, cfg.columns, cfg.prompt, cfg.system_prompt):
+                example["location"] = location
+                examples.append(example)
+        except (DataError, KeyError, TypeError, ValueError) as err:
+            report.problems.append((location, _one_line(err)))
+    return rows, examples, report
+
+
+def build_dataset(spec: str, cfg: DataConfig, encoder: ChatEncoder, split: str = "train",
+                  progress: bool = True) -> tuple[SupervisedDataset, Report]:
+    rows, examples, report = load_examples(spec, cfg, split)
+    root = _image_root(cfg, rows)
+    kept, lengths = [], []
+    for example in tqdm(examples, desc=f"checking {rows.name}", disable=not progress, unit="ex", leave=False):
+        example["root"] = root
+        try:
+            lengths.append(len(encoder.encode(example)["input_ids"]))
+            kept.append(example)
+        except TooLong as err:
+            if cfg.on_too_long == "fail":
+                raise DataError(f"{example['location']}: {err} (data.on_too_long=fail)") from None
+            report.too_long.append(example["location"])
+        except DataError as err:
+            report.problems.append((example["location"], _one_line(err)))
+    report.examples = len(kept)
+    if report.problems:
+        if cfg.on_error == "fail":
+            raise DataError(report.summary() + "\n(set data.on_error=skip to drop these rows)")
+        log.warning("skipping unusable rows (data.on_error=skip):\n%s", report.summary())
+    if report.too_long:
+        shown = ", ".join(report.too_long[:SHOWN_PROBLEMS]) + (" ..." if len(report.too_long) > SHOWN_PROBLEMS else "")
+        log.warning("dropped %d row(s) longer than data.max_length=%d: %s", len(report.too_long), cfg.max_length,
+                    shown)
+    if not kept:
+        raise DataError(f"{rows.name}: no usable example left")
+    return SupervisedDataset(kept, encoder, lengths), report
+
+
+def _image_root(cfg: DataConfig, rows: Rows):
+    from pathlib import Path
+
+    return Path(cfg.image_root).expanduser() if cfg.image_root else rows.base_dir
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, KeyError):
+        text = f"missing column {text}"
+    return text.splitlines()[0]
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0].split("(")[0].strip()

@@ -1,0 +1,132 @@
+"""Load a checkpoint and its processor through the Auto classes; dtype choice and 4-bit NF4 quantization."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+from finetune.config import ModelConfig
+from finetune.errors import ConfigError, FinetuneError
+from finetune.parts import find_parts, linear_names
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_name(name: str) -> str:
+    """`tiny-llava` is the embedded default (built offline and cached); anything else goes to from_pretrained."""
+    from finetune import tiny
+
+    if name == tiny.TINY_LLAVA:
+        return str(tiny.tiny_llava_path())
+    return name
+
+
+def choose_dtype(cfg: ModelConfig) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    if torch.cuda.is_available():
+        return torch.float16
+    return torch.float32
+
+
+def load_processor(cfg: ModelConfig):
+    name = resolve_model_name(cfg.name)
+    with _clear_load_errors(name):
+        return AutoProcessor.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_model(cfg: ModelConfig):
+    """(model, processor) for a recipe's model section; the model is frozen, ready for adapters."""
+    name = resolve_model_name(cfg.name)
+    processor = load_processor(cfg)
+    dtype = choose_dtype(cfg)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.quantization == "4bit":
+        kwargs["quantization_config"] = nf4_config(name, cfg, dtype)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": _local_device()}
+    with _clear_load_errors(name):
+        model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+    if cfg.adapter:
+        model = _merge_earlier_adapter(model, cfg.adapter)
+    model.requires_grad_(False)
+    return model, processor
+
+
+def nf4_config(name: str, cfg: ModelConfig, compute_dtype: torch.dtype):
+    """NF4 + double quantization for the language decoder only.
+
+    transformers 5 matches `llm_int8_skip_modules` from the start of the full module name or as a
+    suffix, so the short name `vision_tower` matches nothing (`model.vision_tower...`) and the vision
+    tower would be quantized silently. We therefore list the full dotted name of every Linear outside
+    the decoder, found on a weightless (meta-device) copy of the model.
+    """
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "model.quantization=4bit needs bitsandbytes: pip install 'finetune[qlora]' (or bitsandbytes>=0.46)"
+        ) from None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=modules_kept_unquantized(name, cfg),
+    )
+
+
+def modules_kept_unquantized(name: str, cfg: ModelConfig) -> list[str]:
+    with _clear_load_errors(name):
+        config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    parts = find_parts(skeleton)
+    return [n for n in linear_names(skeleton) if parts.part_of(n) != "decoder"]
+
+
+def _merge_earlier_adapter(model, adapter_path: str):
+    """Staged training: fold an earlier run's adapter (e.g. a stage-1 projector) into the base."""
+    from peft import PeftModel
+
+    if not (Path(adapter_path) / "adapter_config.json").is_file():
+        raise ConfigError(f"model.adapter: no adapter_config.json in {adapter_path}")
+    return PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
+
+
+def _local_device() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+class _clear_load_errors:
+    """Turn from_pretrained's long tracebacks (offline, typo, private repo) into one line."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, FinetuneError):
+            return False
+        if isinstance(exc, (OSError, ValueError, KeyError)):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            local = Path(self.name).exists()
+            fix = (
+                "check the folder holds config.json, the weights and the processor files"
+                if local
+                else "check the Hub id for typos; offline, download it first "
+                "(huggingface-cli download ID) or pass a local folder"
+            )
+            raise FinetuneError(f"cannot load model {self.name!r}: {first} ({fix})") from None
+        return False

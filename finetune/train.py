@@ -1,0 +1,125 @@
+"""run(recipe): model + adapters + data -> transformers.Trainer -> a run folder with the adapter.
+
+setup (recipe, model, adapters, data) -> train -> save. Trainer runs on Accelerate, so the same code
+runs on a CPU, one GPU, or many through `torchrun` / `accelerate launch` (DDP, FSDP, DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_pt_utils import LengthGroupedSampler
+
+from finetune.adapters import attach_adapters
+from finetune.config import Recipe, load_recipe, parse_overrides, save_recipe
+from finetune.data.collate import ChatEncoder, Collator
+from finetune.data.dataset import build_dataset
+from finetune.errors import ConfigError
+from finetune.models import choose_dtype, load_model
+
+log = logging.getLogger("finetune")
+
+# Sensible defaults under the recipe's `train:` section (the recipe always wins).
+TRAIN_DEFAULTS = {
+    "per_device_train_batch_size": 8,
+    "learning_rate": 2e-4,
+    "num_train_epochs": 1,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,
+    "logging_steps": 10,
+    "save_strategy": "epoch",
+    "save_total_limit": 2,
+    "report_to": "none",
+    "dataloader_num_workers": 0,
+}
+
+
+def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None, **kw_overrides) -> Path:
+    """Run a recipe; returns the run folder. Overrides: `["data.train=x.jsonl"]` or `**{"data.train": ...}`
+    (keyword names may use `__` for dots: `train(r, data__train="x.jsonl")`)."""
+    setup_logging()
+    merged = dict(_as_dict(overrides))
+    merged.update({key.replace("__", "."): value for key, value in kw_overrides.items()})
+    recipe = load_recipe(recipe, merged)
+    if not recipe.data.train:
+        raise ConfigError("data.train is not set: give a data file, e.g. data.train=my.jsonl")
+    args = training_arguments(recipe)
+
+    model, processor = load_model(recipe.model)
+    model = attach_adapters(
+        model, recipe.adapter, quantized=recipe.model.quantization == "4bit",
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    encoder = ChatEncoder(processor, recipe.data.max_length, dtype=choose_dtype(recipe.model))
+    show = args.process_index == 0
+    train_set, _ = build_dataset(recipe.data.train, recipe.data, encoder, recipe.data.split, progress=show)
+    eval_set = None
+    if recipe.data.eval:
+        eval_split = recipe.data.eval_split or "validation"
+        eval_set, _ = build_dataset(recipe.data.eval, recipe.data, encoder, eval_split, progress=show)
+    log.info("training on %d examples%s", len(train_set), f", evaluating on {len(eval_set)}" if eval_set else "")
+
+    trainer = LengthAwareTrainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=Collator(encoder.tokenizer.pad_token_id), processing_class=processor,
+    )
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+
+    out = Path(args.output_dir)
+    trainer.save_model(str(out))  # adapter_config.json + adapter_model.safetensors (+ processor files)
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(str(out))
+        save_recipe(recipe, out / "recipe.yaml")
+        trainer.save_state()
+        log.info("run folder: %s", out)
+    return out
+
+
+def training_arguments(recipe: Recipe) -> TrainingArguments:
+    values = {**TRAIN_DEFAULTS, **recipe.train}
+    if values.pop("group_by_length", False):  # the transformers 4 name users know
+        values["train_sampling_strategy"] = "group_by_length"
+    values.setdefault("seed", recipe.seed)
+    values["remove_unused_columns"] = False  # our dataset yields model inputs, not raw columns
+    if values.get("gradient_checkpointing"):
+        values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    dtype = choose_dtype(recipe.model)
+    if "bf16" not in values and "fp16" not in values and str(dtype) == "torch.bfloat16":
+        values["bf16"] = True
+    if values.get("eval_strategy", "no") != "no" and not recipe.data.eval:
+        raise ConfigError("train.eval_strategy is set but data.eval is not: give held-out data with data.eval=...")
+    try:
+        return TrainingArguments(output_dir=recipe.output_dir, **values)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"train: {str(err).strip().splitlines()[0]}") from None
+
+
+class LengthAwareTrainer(Trainer):
+    """Trainer whose length-grouped sampler uses the lengths measured while checking the data,
+    instead of encoding (and decoding every image of) the whole dataset again at start-up."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return LengthGroupedSampler(batch, lengths=dataset.lengths)
+        return super()._get_train_sampler(train_dataset)
+
+
+def setup_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[finetune] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _as_dict(overrides) -> dict:
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return overrides
+    return parse_overrides(overrides)
