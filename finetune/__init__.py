@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 _API = {
     "load_recipe": "finetune.config",
     "Recipe": "finetune.config",
-    "train": "finetune.train",
+    "train": "finetune.training",
     "FinetuneError": "finetune.errors",
 }
 __all__ = sorted(_API)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from finetune.errors import FinetuneError
 
 
 def cmd_train(args) -> None:
-    from finetune.train import train
+    from finetune.training import train
 
     overrides = list(args.overrides)
     if args.resume:
@@ -18,12 +19,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_recipes(args) -> None:
-    import yaml
-
-    from finetune.config import RECIPES_DIR, shipped_recipes
+    from finetune.config import RECIPES_DIR, parse_yaml, shipped_recipes
 
     for path in shipped_recipes():
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
         name = path.relative_to(RECIPES_DIR).with_suffix("").as_posix()
         print(f"{name:<20} {raw.get('description', '')}")
 
@@ -44,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # bitsandbytes warns on every CPU import that an optional Hub kernel is missing; it falls back to
+    # its own CPU kernel, so the warning is noise to users.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         COMMANDS[args.command](args)
     except FinetuneError as err:

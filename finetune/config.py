@@ -26,6 +26,25 @@ FORMATS = ("auto", "llava", "messages", "vqa", "caption")
 SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.1 turns `no`, `off`, `yes`, `on` into booleans (`save_strategy: no` -> False); YAML 1.2,
+    and this loader, keep them strings and accept only true/false."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _first in "tTfF":
+    _Yaml12Loader.yaml_implicit_resolvers.setdefault(_first, []).insert(
+        0, ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"))
+    )
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny-llava"  # Hub id, local folder, or "tiny-llava" (the embedded default)
@@ -149,7 +168,7 @@ def load_recipe(source: str | Path | dict | Recipe, overrides: list[str] | dict 
     else:
         path = find_recipe(source)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = parse_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}".splitlines()[0]) from None
         if not isinstance(raw, dict):
@@ -173,7 +192,7 @@ def parse_overrides(overrides) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. data.train=my.jsonl)")
-        parsed[key.strip()] = _number(yaml.safe_load(value)) if value.strip() else None
+        parsed[key.strip()] = _number(parse_yaml(value)) if value.strip() else None
     return parsed
 
 

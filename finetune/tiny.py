@@ -80,7 +80,7 @@ Yes, no, maybe: short answers are often the best ones.
 
 TEXT = {"hidden": 128, "layers": 2, "heads": 4, "intermediate": 256}
 VISION = {"hidden": 96, "layers": 2, "heads": 4, "intermediate": 192}
-TRAIN = {"steps": 700, "batch": 32, "lr": 3e-3, "warmup": 50, "pool": 4000, "text_every": 5}
+TRAIN = {"steps": 700, "batch": 32, "lr": 3e-3, "warmup": 50, "pool": 4000, "text_every": 5, "vision_steps": 300, "vision_lr": 3e-3}
 
 
 def tiny_llava_path() -> Path:
@@ -232,6 +232,8 @@ def pretrain(model, processor, seed: int, log=print) -> None:
     data = _caption_batch(processor, scenes)
     text = _text_batches(processor.tokenizer)
     log(f"data {time.time() - t0:.1f}s")
+    if cfg.get("vision_steps"):
+        pretrain_vision(model, data["pixel_values"], scenes, gen, log)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -257,6 +259,36 @@ def pretrain(model, processor, seed: int, log=print) -> None:
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == cfg["steps"] - 1:
             log(f"step {step} loss {out.loss.item():.3f} {time.time() - t0:.0f}s")
+
+
+def pretrain_vision(model, pixel_values, scenes, gen, log=print) -> None:
+    """Stage 1: teach the vision tower to see the attributes (stands in for CLIP pre-training)."""
+    cfg = TRAIN
+    classes = {
+        "color": list(synthetic.COLORS),
+        "shape": list(synthetic.SHAPES),
+        "count": [1, 2, 3],
+        "position": list(synthetic.POSITIONS),
+    }
+    targets = {a: torch.tensor([v.index(getattr(s, a)) for s in scenes]) for a, v in classes.items()}
+    tower = model.model.vision_tower
+    width = tower.config.hidden_size * (NUM_IMAGE_TOKENS + 1)
+    heads = torch.nn.ModuleDict({a: torch.nn.Linear(width, len(v)) for a, v in classes.items()})
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg["vision_lr"], weight_decay=0.01)
+    t0 = time.time()
+    for step in range(cfg["vision_steps"]):
+        rows = torch.randint(len(scenes), (cfg["batch"],), generator=gen)
+        tokens = tower(pixel_values[rows], output_hidden_states=True).hidden_states[-1][:, 1:]
+        # mean-pooled (translation invariant: colour, shape) + per-patch (where, how many)
+        feats = torch.cat([tokens.mean(1), tokens.flatten(1)], dim=1)
+        losses = {a: torch.nn.functional.cross_entropy(h(feats), targets[a][rows]) for a, h in heads.items()}
+        loss = sum(losses.values())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 50 == 0 or step == cfg["vision_steps"] - 1:
+            log(f"vision step {step} " + " ".join(f"{a} {v.item():.3f}" for a, v in losses.items()) + f" {time.time() - t0:.0f}s")
 
 
 @torch.no_grad()

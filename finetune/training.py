@@ -7,8 +7,10 @@ runs on a CPU, one GPU, or many through `torchrun` / `accelerate launch` (DDP, F
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
+import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
@@ -50,7 +52,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     model, processor = load_model(recipe.model)
     model = attach_adapters(
         model, recipe.adapter, quantized=recipe.model.quantization == "4bit",
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=bool(args.activation_checkpointing),
     )
     encoder = ChatEncoder(processor, recipe.data.max_length, dtype=choose_dtype(recipe.model))
     show = args.process_index == 0
@@ -82,9 +84,16 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
     if values.pop("group_by_length", False):  # the transformers 4 name users know
         values["train_sampling_strategy"] = "group_by_length"
     values.setdefault("seed", recipe.seed)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # Accelerate only sets up multi-process CPU training (DDP over gloo) when told it is on the CPU.
+        values.setdefault("use_cpu", True)
     values["remove_unused_columns"] = False  # our dataset yields model inputs, not raw columns
-    if values.get("gradient_checkpointing"):
-        values.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in values:  # transformers 5 renamed these; accept the names every tutorial uses
+            values.setdefault(new, values.pop(old))
+    if values.get("activation_checkpointing"):
+        values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
     dtype = choose_dtype(recipe.model)
     if "bf16" not in values and "fp16" not in values and str(dtype) == "torch.bfloat16":
         values["bf16"] = True
@@ -114,7 +123,6 @@ def setup_logging() -> None:
         handler.setFormatter(logging.Formatter("[finetune] %(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
-        log.propagate = False
 
 
 def _as_dict(overrides) -> dict:

@@ -1,0 +1,145 @@
+"""Every supported source and format becomes the same canonical examples; bad rows are named."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from finetune.config import DataConfig
+from finetune.data.collate import ChatEncoder
+from finetune.data.dataset import build_dataset, load_examples
+from finetune.data.formats import detect_format, row_to_examples
+from finetune.data.sources import read_rows
+from finetune.errors import DataError
+
+CANONICAL = [{"role": "user", "content": "<image>\nWhat colour is it?"}, {"role": "assistant", "content": "red"}]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    (tmp_path / "img").mkdir()
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / "img" / name)
+    return tmp_path
+
+
+def vqa_rows():
+    return [{"image": "img/a.png", "question": "What colour is it?", "answer": "red"},
+            {"image": "img/b.png", "question": "What colour is it?", "answer": "blue"}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_json_csv_parquet_and_saved_dataset_read_the_same(folder):
+    import datasets
+
+    rows = vqa_rows()
+    write_jsonl(folder / "d.jsonl", rows)
+    (folder / "d.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).to_csv(str(folder / "d.csv"), index=False)
+    datasets.Dataset.from_list(rows).to_parquet(str(folder / "d.parquet"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(folder / "saved"))
+    cfg = DataConfig(image_root=str(folder))
+    for spec in ("d.jsonl", "d.json", "d.csv", "d.parquet", "saved"):
+        _, examples, report = load_examples(str(folder / spec), cfg, "train")
+        assert not report.problems, spec
+        assert [e["messages"] for e in examples][0] == CANONICAL, spec
+        assert examples[0]["images"] == ["img/a.png"], spec
+
+
+def test_image_folder_with_metadata(folder):
+    write_jsonl(folder / "img" / "metadata.jsonl",
+                [{"file_name": "a.png", "question": "What colour is it?", "answer": "red"}])
+    rows = read_rows(str(folder / "img"))
+    assert rows.base_dir == folder / "img" and rows[0]["image"] == "a.png"
+
+
+def test_llava_format_placeholder_anywhere_and_text_only_rows():
+    late = {"image": "a.png", "conversations": [{"from": "human", "value": "What is this?\n<image>"},
+                                                  {"from": "gpt", "value": "A cat."}]}
+    assert detect_format(late) == "llava"
+    assert row_to_examples(late)[0]["messages"][0]["content"] == "What is this?\n<image>"
+    missing = {"image": "a.png", "conversations": [{"from": "human", "value": "What is this?"},
+                                                     {"from": "gpt", "value": "A cat."}]}
+    assert row_to_examples(missing)[0]["messages"][0]["content"] == "<image>\nWhat is this?"
+    text_only = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    assert row_to_examples(text_only)[0]["images"] == []
+
+
+def test_messages_format_string_and_parts():
+    as_string = {"messages": [{"role": "user", "content": "<image>\nWhat colour is it?"},
+                              {"role": "assistant", "content": "red"}], "images": ["a.png"]}
+    as_parts = {"messages": [{"role": "user", "content": [{"type": "image", "image": "a.png"},
+                                                          {"type": "text", "text": "\nWhat colour is it?"}]},
+                             {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]}
+    for row in (as_string, as_parts):
+        assert detect_format(row) == "messages"
+        example = row_to_examples(row)[0]
+        assert example["messages"] == CANONICAL and example["images"] == ["a.png"]
+
+
+def test_vqa_answers_list_trains_on_the_most_common_and_keeps_all():
+    example = row_to_examples({"image": "a.png", "question": "Q?", "answers": ["2", "two", "2"]})[0]
+    assert example["messages"][1]["content"] == "2" and example["meta"]["references"] == ["2", "two", "2"]
+
+
+def test_caption_rows_give_one_example_per_caption_and_column_map():
+    examples = row_to_examples({"img": "a.png", "text": ["A cat.", "A pet."]}, columns={"image": "img",
+                                                                                         "captions": "text"})
+    assert [e["messages"][1]["content"] for e in examples] == ["A cat.", "A pet."]
+    assert all(e["images"] == ["a.png"] for e in examples)
+
+
+@pytest.mark.parametrize("row, reason", [
+    ({"image": "a.png", "conversations": [{"from": "human", "value": "<image> hi"}]}, "no assistant reply"),
+    ({"image": "a.png", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": " "}]},
+     "empty"),
+    ({"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>"},
+                                          {"from": "gpt", "value": "x"}]}, "2 <image> placeholder"),
+    ({"foo": 1}, "cannot tell the row's format"),
+    ({"conversations": [{"from": "robot", "value": "x"}]}, "unknown speaker"),
+])
+def test_bad_rows_raise_clear_errors(row, reason):
+    with pytest.raises(DataError, match=reason):
+        row_to_examples(row)
+
+
+def test_a_broken_dataset_is_reported_by_row_before_training(folder, processor):
+    rows = vqa_rows() + [{"image": "img/missing.png", "question": "Q?", "answer": "x"},
+                         {"image": "img/a.png", "question": "Q?"}]
+    path = write_jsonl(folder / "d.jsonl", rows)
+    with path.open("a") as handle:
+        handle.write("{not json\n")
+    encoder = ChatEncoder(processor, max_length=256)
+    with pytest.raises(DataError) as err:
+        build_dataset(str(path), DataConfig(), encoder, progress=False)
+    message = str(err.value)
+    assert f"{path}:3: image not found" in message
+    assert f"{path}:4: " in message and f"{path}:5: malformed JSON" in message
+    assert "3 unusable row(s) of 5" in message
+    dataset, report = build_dataset(str(path), DataConfig(on_error="skip"), encoder, progress=False)
+    assert len(dataset) == 2 and len(report.problems) == 3
+    assert dataset.lengths == [len(dataset[i]["input_ids"]) for i in range(2)]
+
+
+def test_rows_too_long_are_dropped_and_named(folder, processor, caplog):
+    rows = vqa_rows() + [{"image": "img/a.png", "question": "word " * 400, "answer": "x"}]
+    path = write_jsonl(folder / "d.jsonl", rows)
+    encoder = ChatEncoder(processor, max_length=64)
+    with caplog.at_level("WARNING", logger="finetune"):
+        dataset, report = build_dataset(str(path), DataConfig(max_length=64), encoder, progress=False)
+    assert len(dataset) == 2 and report.too_long == [f"{path}:3"]
+    assert f"dropped 1 row(s) longer than data.max_length=64: {path}:3" in caplog.text
+    with pytest.raises(DataError, match=f"{path}:3: .*data.on_too_long=fail"):
+        build_dataset(str(path), DataConfig(max_length=64, on_too_long="fail"), encoder, progress=False)
+
+
+def test_missing_file_and_unknown_hub_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="data file not found"):
+        read_rows(str(tmp_path / "nope.jsonl"))
+    with pytest.raises(DataError, match="cannot load dataset 'someone/not-a-dataset'"):
+        read_rows("someone/not-a-dataset")

@@ -1,0 +1,125 @@
+"""Model loading, 4-bit placement, part discovery and LoRA targets on the embedded checkpoint."""
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from finetune.adapters import attach_adapters, fully_trained_modules, lora_targets
+from finetune.config import AdapterConfig, ModelConfig
+from finetune.data.collate import ChatEncoder, Collator
+from finetune.data.formats import row_to_examples
+from finetune.errors import FinetuneError
+from finetune.models import choose_dtype, load_model
+from finetune.parts import find_parts
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def four_bit_modules(model):
+    return [name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)]
+
+
+def one_batch(processor, image):
+    encoder = ChatEncoder(processor, max_length=256)
+    example = row_to_examples({"image": "x.png", "question": "What colour?", "answer": "red"})[0]
+    return Collator(processor.tokenizer.pad_token_id)([encoder.encode(example, images=[image])])
+
+
+def test_parts_are_found_by_inspection(tiny_path):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path)
+    parts = find_parts(model)
+    assert parts.decoder == "model.language_model"
+    assert parts.projectors == ["model.multi_modal_projector"] and parts.lm_head == "lm_head"
+    assert parts.vision == ["model.vision_tower"]
+
+
+@pytest.mark.parametrize("family", ["Qwen2VLConfig", "Idefics3Config", "PaliGemmaConfig", "LlavaNextConfig"])
+def test_parts_of_other_families(family):
+    import transformers
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(getattr(transformers, family)())
+    parts = find_parts(model)
+    assert parts.projectors and parts.vision and parts.lm_head
+    vision_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                      and parts.part_of(n) == "vision"]
+    assert vision_linears  # the vision tower is told apart from the decoder and the projector
+
+
+def test_dtype_is_fp32_on_cpu_and_overridable():
+    assert choose_dtype(ModelConfig()) == (torch.float32 if not torch.cuda.is_available() else choose_dtype(
+        ModelConfig()))
+    assert choose_dtype(ModelConfig(dtype="bfloat16")) == torch.bfloat16
+
+
+def test_4bit_quantizes_only_the_language_decoder():
+    model, _ = load_model(ModelConfig(quantization="4bit"))
+    quantized = four_bit_modules(model)
+    decoder_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                       and n.startswith("model.language_model.")]
+    assert quantized == decoder_linears and len(quantized) == 14  # 2 layers x (4 attention + 3 MLP)
+    for name, module in model.named_modules():
+        if name.startswith(("model.vision_tower", "model.multi_modal_projector", "lm_head")) and isinstance(
+                module, torch.nn.Linear):
+            assert not isinstance(module, bnb.nn.Linear4bit), name
+    weight = model.model.language_model.layers[0].self_attn.q_proj.weight
+    assert weight.quant_state.quant_type == "nf4" and weight.quant_state.state2 is not None  # double quant
+
+
+def test_short_skip_names_would_quantize_the_vision_tower(tiny_path):
+    """The transformers 5 pitfall our full dotted names avoid."""
+    from transformers import BitsAndBytesConfig
+
+    naive = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["vision_tower", "multi_modal_projector"])
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path, quantization_config=naive)
+    assert any(".vision_tower." in name for name in four_bit_modules(model))
+
+
+def test_gradient_checkpointing_sends_gradients_to_4bit_lora(processor, shapes_image, monkeypatch):
+    calls = []
+    import transformers.modeling_utils as modeling_utils
+
+    real = modeling_utils.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counting_checkpoint)
+    model, _ = load_model(ModelConfig(quantization="4bit"))
+    model = attach_adapters(model, AdapterConfig(), quantized=True, gradient_checkpointing=True)
+    model.activation_checkpointing_enable({"use_reentrant": True})
+    model.train()
+    model(**one_batch(processor, shapes_image)).loss.backward()
+    assert calls, "gradient checkpointing did not run"
+    lora_b = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+    assert lora_b and all(g is not None and g.abs().sum() > 0 for g in lora_b.values())
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def test_default_lora_targets_projector_and_decoder(tiny_path):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path)
+    targets = lora_targets(model, AdapterConfig())
+    assert {t.split(".")[1] for t in targets} == {"multi_modal_projector", "language_model"}
+    assert len(targets) == 2 + 14 and "lm_head" not in targets
+    with_vision = lora_targets(model, AdapterConfig(vision_tower=True))
+    assert any(".vision_tower." in t for t in with_vision)
+    assert lora_targets(model, AdapterConfig(targets=[r"q_proj$"])) == [
+        t for t in with_vision if t.endswith("q_proj")]
+
+
+def test_training_only_the_projector_fully(tiny_path, processor, shapes_image):
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path)
+    cfg = AdapterConfig(lora=False, train_fully=["projector"])
+    assert fully_trained_modules(model, cfg) == ["model.multi_modal_projector"]
+    model.requires_grad_(False)
+    peft_model = attach_adapters(model, cfg)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all("multi_modal_projector" in n and "lora_" not in n for n in trainable)
+
+
+def test_unknown_model_is_one_clear_line():
+    with pytest.raises(FinetuneError, match="cannot load model 'no-such-org/no-such-model'.*Hub id"):
+        load_model(ModelConfig(name="no-such-org/no-such-model"))
+    with pytest.raises(FinetuneError, match="cannot load model"):
+        load_model(ModelConfig(name="/tmp/definitely/not/here"))

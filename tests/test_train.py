@@ -1,0 +1,133 @@
+"""End to end on the embedded default: a recipe in, a loadable adapter out (CPU, few steps)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoProcessor
+
+from finetune import train
+from finetune.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"data.train": "synthetic:vqa/train?n=16", "data.eval": None, "train.logging_steps": 1,
+         "train.per_device_train_batch_size": 8, "train.save_strategy": "no", "train.report_to": "none"}
+
+
+def run_cli(*args, env=None, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.mark.slow
+def test_demo_recipe_gives_a_complete_run_folder(tmp_path):
+    run = train("demo/vqa", {**SMALL, "output_dir": str(tmp_path / "run"), "train.max_steps": 12})
+    for name in ("adapter_config.json", "adapter_model.safetensors", "recipe.yaml", "trainer_state.json",
+                 "processor_config.json", "tokenizer.json", "chat_template.jinja"):
+        assert (run / name).is_file(), name
+    assert AutoProcessor.from_pretrained(run).tokenizer.convert_tokens_to_ids("<image>") is not None
+    weights = load_file(run / "adapter_model.safetensors")
+    assert weights and all("lora_" in key for key in weights)
+    # B starts at zero: non-zero B matrices show the adapters were trained.
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
+    losses = [e["loss"] for e in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert losses[-1] < losses[0]
+    from finetune.config import load_recipe
+
+    assert load_recipe(run / "recipe.yaml").train["max_steps"] == 12
+
+
+@pytest.mark.slow
+def test_base_weights_stay_frozen_and_peft_loads_the_run(tmp_path, tiny_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    run = train("demo/vqa", {**SMALL, "output_dir": str(tmp_path / "run"), "train.max_steps": 4})
+    base = AutoModelForImageTextToText.from_pretrained(tiny_path)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = PeftModel.from_pretrained(base, run)
+    after = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+             for k, v in model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_qlora_trains_on_cpu_with_gradient_checkpointing(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    run = train("demo/vqa", {**SMALL, "output_dir": str(tmp_path / "run"), "train.max_steps": 3,
+                             "model.quantization": "4bit", "train.gradient_checkpointing": True})
+    weights = load_file(run / "adapter_model.safetensors")
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+def test_staged_training_projector_then_lora(tmp_path):
+    stage1 = train("demo/vqa", {**SMALL, "output_dir": str(tmp_path / "s1"), "train.max_steps": 3,
+                                "adapter.lora": False, "adapter.train_fully": ["projector"]})
+    weights = load_file(stage1 / "adapter_model.safetensors")
+    assert any("multi_modal_projector" in k and "lora_" not in k for k in weights)
+    stage2 = train("demo/vqa", {**SMALL, "output_dir": str(tmp_path / "s2"), "train.max_steps": 3,
+                                "model.adapter": str(stage1)})
+    assert (stage2 / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_group_by_length_uses_measured_lengths(tmp_path, monkeypatch):
+    from finetune.data.dataset import SupervisedDataset
+
+    calls = []
+    real = SupervisedDataset.__getitem__
+    monkeypatch.setattr(SupervisedDataset, "__getitem__", lambda self, i: calls.append(i) or real(self, i))
+    train("demo/vqa", {**SMALL, "output_dir": str(tmp_path / "run"), "train.max_steps": 2,
+                       "train.group_by_length": True, "train.dataloader_num_workers": 0})
+    # Only the batches trained on (plus the one accelerate prefetches) were encoded, not all 64 examples again.
+    assert len(calls) <= 3 * 8
+
+
+def test_eval_strategy_without_eval_data_fails_at_start(tmp_path):
+    with pytest.raises(ConfigError, match="data.eval is not"):
+        train("demo/vqa", {**SMALL, "output_dir": str(tmp_path), "train.eval_strategy": "steps"})
+
+
+@pytest.mark.slow
+def test_cli_and_python_m_entry_points(tmp_path):
+    listing = run_cli("recipes")
+    assert listing.returncode == 0 and "demo/vqa" in listing.stdout and "captioning" in listing.stdout
+    done = run_cli("train", "demo/vqa", f"output_dir={tmp_path / 'run'}", "data.train=synthetic:vqa/train?n=8",
+                   "data.eval=null", "train.max_steps=1", "train.save_strategy=no")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "demo/vqa", "data.trian=x.jsonl"], "unknown recipe key 'data.trian'; did you mean data.train"),
+    (["train", "demo/vqa", "data.train=/no/such/file.jsonl"], "data file not found: /no/such/file.jsonl"),
+    (["train", "demo/vqa", "adapter.r=big"], "adapter.r must be int"),
+    (["train", "demo/vqa", "model.name=no-such-org/no-such-model"], "cannot load model 'no-such-org/no-such-model'"),
+    (["train", "no/such/recipe.yaml"], "recipe not found"),
+])
+def test_cli_mistakes_are_one_line(args, message):
+    done = run_cli(*args, env={"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_shard_the_data(tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "finetune", "train",
+           "recipes/demo/vqa.yaml", f"output_dir={out}", "data.train=synthetic:vqa/train?n=16", "data.eval=null",
+           "train.num_train_epochs=1", "train.per_device_train_batch_size=8", "train.save_strategy=no"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    # 64 examples, 8 per process: one epoch is 4 steps on two ranks (8 on one), so each rank read its shard.
+    assert state["global_step"] == 4
+    assert (out / "adapter_model.safetensors").is_file()
