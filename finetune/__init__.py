@@ -12,7 +12,7 @@ _API = {
     "train": "finetune.training",
     "FinetuneError": "finetune.errors",
 }
-__all__ = sorted(_API)
+__all__ = ["FinetuneError", "Recipe", "load_recipe", "train"]
 
 
 def __getattr__(name):

@@ -18,6 +18,24 @@ def cmd_train(args) -> None:
     print(train(args.recipe, overrides))
 
 
+def cmd_eval(args) -> None:
+    from finetune.evaluation import evaluate
+
+    evaluate(args.target, list(args.overrides))
+
+
+def cmd_predict(args) -> None:
+    from finetune.evaluation import predict
+
+    print(predict(args.run, args.image, args.prompt, args.max_new_tokens))
+
+
+def cmd_chat(args) -> None:
+    from finetune.chat import chat
+
+    chat(args.run, args.image, args.max_new_tokens)
+
+
 def cmd_recipes(args) -> None:
     from finetune.config import RECIPES_DIR, parse_yaml, shipped_recipes
 
@@ -27,7 +45,7 @@ def cmd_recipes(args) -> None:
         print(f"{name:<20} {raw.get('description', '')}")
 
 
-COMMANDS = {"train": cmd_train, "recipes": cmd_recipes}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "chat": cmd_chat, "recipes": cmd_recipes}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML path or shipped name (see `finetune recipes`)")
     p.add_argument("overrides", nargs="*", help="dotted recipe keys, e.g. data.train=my.jsonl train.max_steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    p = sub.add_parser("eval", help="task metrics on data.eval: finetune eval RUN_OR_RECIPE [KEY=VALUE ...]")
+    p.add_argument("target", help="a run folder (base + adapter) or a recipe (the base model alone)")
+    p.add_argument("overrides", nargs="*", help="dotted recipe keys, e.g. data.eval=test.jsonl")
+    for name, helptext in (("predict", "one answer for one image and prompt"),
+                           ("chat", "an interactive multi-turn chat about an image")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("run", help="a run folder (or a recipe, for the base model)")
+        p.add_argument("--image", help="image file")
+        if name == "predict":
+            p.add_argument("--prompt", required=True, help="the question or instruction")
+        p.add_argument("--max-new-tokens", type=int, default=None)
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser
 

@@ -105,6 +105,15 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    output_dir: str | None = None  # default: <run>/eval (a run) or <output_dir>/eval-base (a recipe)
+    batch_size: int = 16
+    max_new_tokens: int | None = None  # task default: vqa 16, caption 48, dialogue 96
+    max_examples: int | None = None
+    before_after: bool = False  # train() also scores the base model first and prints both numbers
+
+
+@dataclass
 class Recipe:
     task: str = "vqa"
     output_dir: str = "runs/run"
@@ -112,6 +121,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: dict[str, Any] = field(default_factory=dict)  # any transformers.TrainingArguments field
     description: str = ""
 

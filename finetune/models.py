@@ -46,7 +46,7 @@ def load_model(cfg: ModelConfig):
     name = resolve_model_name(cfg.name)
     processor = load_processor(cfg)
     dtype = choose_dtype(cfg)
-    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype)
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "dtype": dtype}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization == "4bit":
@@ -70,8 +70,8 @@ def nf4_config(name: str, cfg: ModelConfig, compute_dtype: torch.dtype):
     the decoder, found on a weightless (meta-device) copy of the model.
     """
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError:
         raise ConfigError(
             "model.quantization=4bit needs bitsandbytes: pip install 'finetune[qlora]' (or bitsandbytes>=0.46)"
@@ -104,7 +104,7 @@ def _merge_earlier_adapter(model, adapter_path: str):
 
 
 def _local_device() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 class _clear_load_errors:

@@ -13,6 +13,7 @@ that does not yet answer questions: a realistic base for a VQA LoRA fine-tune.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -234,11 +235,8 @@ def pretrain(model, processor, seed: int, log=print) -> None:
     log(f"data {time.time() - t0:.1f}s")
     if cfg.get("vision_steps"):
         pretrain_vision(model, data["pixel_values"], scenes, gen, log)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / cfg["warmup"]) * 0.5 * (1 + torch.cos(torch.tensor(s / cfg["steps"] * torch.pi)).item()),
-    )
+    params = list(model.parameters())
+    opt, sched = _optimizer(params, cfg["lr"], cfg["steps"], cfg["warmup"])
     model.train()
     for step in range(cfg["steps"]):
         if step % cfg["text_every"] == cfg["text_every"] - 1:
@@ -252,13 +250,26 @@ def pretrain(model, processor, seed: int, log=print) -> None:
                 pixel_values=data["pixel_values"][rows],
                 labels=data["labels"][rows],
             )
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        _step(out.loss, params, opt, sched)
         if step % 50 == 0 or step == cfg["steps"] - 1:
             log(f"step {step} loss {out.loss.item():.3f} {time.time() - t0:.0f}s")
+
+
+def _optimizer(params, lr: float, steps: int, warmup: int):
+    """AdamW with linear warm-up and cosine decay: stable for from-scratch transformers."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
+    return opt, sched
+
+
+def _step(loss, params, opt, sched) -> None:
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def pretrain_vision(model, pixel_values, scenes, gen, log=print) -> None:
@@ -275,7 +286,7 @@ def pretrain_vision(model, pixel_values, scenes, gen, log=print) -> None:
     width = tower.config.hidden_size * (NUM_IMAGE_TOKENS + 1)
     heads = torch.nn.ModuleDict({a: torch.nn.Linear(width, len(v)) for a, v in classes.items()})
     params = list(tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg["vision_lr"], weight_decay=0.01)
+    opt, sched = _optimizer(params, cfg["vision_lr"], cfg["vision_steps"], cfg["warmup"])
     t0 = time.time()
     for step in range(cfg["vision_steps"]):
         rows = torch.randint(len(scenes), (cfg["batch"],), generator=gen)
@@ -284,9 +295,7 @@ def pretrain_vision(model, pixel_values, scenes, gen, log=print) -> None:
         feats = torch.cat([tokens.mean(1), tokens.flatten(1)], dim=1)
         losses = {a: torch.nn.functional.cross_entropy(h(feats), targets[a][rows]) for a, h in heads.items()}
         loss = sum(losses.values())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _step(loss, params, opt, sched)
         if step % 50 == 0 or step == cfg["vision_steps"] - 1:
             log(f"vision step {step} " + " ".join(f"{a} {v.item():.3f}" for a, v in losses.items()) + f" {time.time() - t0:.0f}s")
 

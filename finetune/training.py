@@ -20,6 +20,7 @@ from finetune.data.collate import ChatEncoder, Collator
 from finetune.data.dataset import build_dataset
 from finetune.errors import ConfigError
 from finetune.models import choose_dtype, load_model
+from finetune.tasks import TASKS
 
 log = logging.getLogger("finetune")
 
@@ -67,16 +68,33 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=Collator(encoder.tokenizer.pad_token_id), processing_class=processor,
     )
+    out = Path(args.output_dir)
+    compare = recipe.eval.before_after and recipe.data.eval and args.world_size == 1
+    before = _score(recipe, model, processor, out / "eval-before") if compare else None
+
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
 
-    out = Path(args.output_dir)
     trainer.save_model(str(out))  # adapter_config.json + adapter_model.safetensors (+ processor files)
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(out))
         save_recipe(recipe, out / "recipe.yaml")
         trainer.save_state()
+        if compare:
+            after = _score(recipe, trainer.model, processor, out / "eval")
+            headline = TASKS[recipe.task].headline
+            print(f"held-out {headline}: before {before[headline]:.4f} -> after {after[headline]:.4f} "
+                  f"({after['examples']} examples of {recipe.data.eval})")
         log.info("run folder: %s", out)
     return out
+
+
+def _score(recipe: Recipe, model, processor, out: Path) -> dict:
+    from finetune.evaluation import evaluate
+
+    model.eval()
+    metrics = evaluate(recipe, model=model, processor=processor, output_dir=out, quiet=True)
+    model.train()
+    return metrics
 
 
 def training_arguments(recipe: Recipe) -> TrainingArguments:

@@ -46,7 +46,7 @@ def test_jsonl_json_csv_parquet_and_saved_dataset_read_the_same(folder):
     for spec in ("d.jsonl", "d.json", "d.csv", "d.parquet", "saved"):
         _, examples, report = load_examples(str(folder / spec), cfg, "train")
         assert not report.problems, spec
-        assert [e["messages"] for e in examples][0] == CANONICAL, spec
+        assert examples[0]["messages"] == CANONICAL, spec
         assert examples[0]["images"] == ["img/a.png"], spec
 
 

@@ -77,7 +77,7 @@ def test_short_skip_names_would_quantize_the_vision_tower(tiny_path):
 
 def test_gradient_checkpointing_sends_gradients_to_4bit_lora(processor, shapes_image, monkeypatch):
     calls = []
-    import transformers.modeling_utils as modeling_utils
+    from transformers import modeling_utils
 
     real = modeling_utils.checkpoint
 

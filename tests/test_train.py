@@ -20,7 +20,7 @@ SMALL = {"data.train": "synthetic:vqa/train?n=16", "data.eval": None, "train.log
 
 
 def run_cli(*args, env=None, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "finetune", *args], check=False, capture_output=True, text=True, cwd=cwd,
                           env={**os.environ, **(env or {})}, timeout=600)
 
 
@@ -124,7 +124,7 @@ def test_torchrun_two_cpu_processes_shard_the_data(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "finetune", "train",
            "recipes/demo/vqa.yaml", f"output_dir={out}", "data.train=synthetic:vqa/train?n=16", "data.eval=null",
            "train.num_train_epochs=1", "train.per_device_train_batch_size=8", "train.save_strategy=no"]
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())

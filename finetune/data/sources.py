@@ -75,7 +75,7 @@ def _read_file(path: Path) -> Rows:
         reader = Dataset.from_csv if suffix == ".csv" else Dataset.from_parquet
         try:
             dataset = reader(str(path))
-        except Exception as err:  # pyarrow raises many types; the user needs the file and the reason
+        except Exception as err:  # noqa: BLE001 - pyarrow raises many types; the user needs file + reason
             raise DataError(f"{path}: cannot read {suffix[1:]}: {str(err).splitlines()[0]}") from None
         # CSV rows are numbered like the file's lines (header is line 1).
         return Rows(str(path), path.parent, dataset, first_row=2 if suffix == ".csv" else 0)
@@ -148,7 +148,7 @@ def _read_hub(name: str, split: str) -> Rows:
 
     try:
         dataset = load_dataset(name, split=split)
-    except Exception as err:  # offline, typo, missing split: all one actionable line
+    except Exception as err:  # noqa: BLE001 - offline, typo, missing split: all one actionable line
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(
             f"cannot load dataset {name!r} (not a local file or folder, and the Hub load failed: {first})"

@@ -38,7 +38,7 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
-SIZE_RANGE = (9, 11)  # side of a shape's bounding box, in pixels
+SIZE_RANGE = (11, 14)  # side of a shape's bounding box, in pixels
 
 KINDS = ("vqa", "caption", "dialogue")
 SPLITS = ("train", "eval")
@@ -55,14 +55,15 @@ QUESTIONS = {
 }
 DESCRIBE_PROMPT = "Describe the image."
 
-# Each region is a 26x26 box (x0, y0, x1, y1). Left/right boxes sit in the
-# middle band of rows and top/bottom boxes in the middle band of columns, so a
-# shape of one position can never be mistaken for one of another position.
-_REGIONS = {
-    "left": (1, 19, 27, 45),
-    "right": (37, 19, 63, 45),
-    "top": (19, 1, 45, 27),
-    "bottom": (19, 37, 45, 63),
+# A shape belongs to a position when its centre is nearest that image edge by
+# at least this many pixels, so no scene is ambiguous (e.g. top-left corner).
+_MARGIN = 6
+_HALF = IMAGE_SIZE // 2
+_HALVES = {  # (x0, y0, x1, y1): where to look for room, a 1-pixel border left free
+    "left": (1, 1, _HALF, IMAGE_SIZE - 1),
+    "right": (_HALF, 1, IMAGE_SIZE - 1, IMAGE_SIZE - 1),
+    "top": (1, 1, IMAGE_SIZE - 1, _HALF),
+    "bottom": (1, _HALF, IMAGE_SIZE - 1, IMAGE_SIZE - 1),
 }
 _GAP = 2  # minimum empty pixels between two shapes, so they stay countable
 
@@ -112,29 +113,43 @@ def sample_scene(rng: random.Random) -> Scene:
     shape, color = rng.choice(SHAPES), rng.choice(list(COLORS))
     count, position = rng.randint(1, 3), rng.choice(POSITIONS)
     size = rng.randint(*SIZE_RANGE)
-    x0, y0, x1, y1 = _REGIONS[position]
-    while True:  # rejection sampling; a 26x26 box always fits three 11px shapes
-        corners: list[tuple[int, int]] = []
-        for _ in range(200):
-            x, y = rng.randint(x0, x1 - size), rng.randint(y0, y1 - size)
-            if all(abs(x - cx) >= size + _GAP or abs(y - cy) >= size + _GAP for cx, cy in corners):
-                corners.append((x, y))
-                if len(corners) == count:
-                    return Scene(shape, color, count, position, size, tuple(sorted(corners)))
+    corners: list[tuple[int, int]] = []
+    tries = 0
+    while len(corners) < count:  # rejection sampling; start over if the first shapes block the rest
+        tries += 1
+        if tries % 500 == 0:
+            corners = []
+        x0, y0, x1, y1 = _HALVES[position]
+        x, y = rng.randint(x0, x1 - size), rng.randint(y0, y1 - size)
+        if _nearest_edge(x + size / 2, y + size / 2) == position and all(
+            abs(x - cx) >= size + _GAP or abs(y - cy) >= size + _GAP for cx, cy in corners
+        ):
+            corners.append((x, y))
+    return Scene(shape, color, count, position, size, tuple(sorted(corners)))
+
+
+def _nearest_edge(cx: float, cy: float) -> str | None:
+    distances = sorted((d, edge) for edge, d in zip(POSITIONS, (cx, IMAGE_SIZE - cx, cy, IMAGE_SIZE - cy)))
+    return distances[0][1] if distances[0][0] + _MARGIN <= distances[1][0] else None
+
+
+_SUPERSAMPLE = 4  # draw large, then downscale: anti-aliased edges keep circles round
 
 
 def render(scene: Scene) -> Image.Image:
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    k = _SUPERSAMPLE
+    image = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), BACKGROUND)
     draw = ImageDraw.Draw(image)
-    fill, s = COLORS[scene.color], scene.size - 1
+    fill, s = COLORS[scene.color], scene.size * k - 1
     for x, y in scene.corners:
+        x, y = x * k, y * k
         if scene.shape == "circle":
             draw.ellipse((x, y, x + s, y + s), fill=fill)
         elif scene.shape == "square":
             draw.rectangle((x, y, x + s, y + s), fill=fill)
         else:
             draw.polygon([(x + s / 2, y), (x + s, y + s), (x, y + s)], fill=fill)
-    return image
+    return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
 
 
 def make_scenes(n: int, seed: int) -> list[Scene]:

@@ -1,0 +1,99 @@
+"""eval / predict / chat on the embedded default, and the proof that fine-tuning helps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune import train
+from finetune.evaluation import _cut, evaluate, generate, load_for_inference
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = {"data.eval": "synthetic:vqa/eval?n=8", "eval.max_examples": 16}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "vqa"
+    return train("demo/vqa", {"output_dir": str(out), "data.train": "synthetic:vqa/train?n=16", "data.eval": None,
+                              "train.max_steps": 4, "train.save_strategy": "no"})
+
+
+def test_eval_of_a_run_writes_metrics_and_predictions(small_run, capsys):
+    metrics = evaluate(small_run, EVAL)
+    assert 0 <= metrics["vqa_accuracy"] <= 1 and metrics["examples"] == 16 and metrics["examples_per_second"] > 0
+    assert {"vqa_accuracy/color", "vqa_accuracy/count"} <= set(metrics)  # per question type
+    saved = json.loads((small_run / "eval" / "metrics.json").read_text())
+    assert saved == metrics
+    rows = [json.loads(line) for line in (small_run / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and set(rows[0]) == {"id", "prompt", "prediction", "references"}
+    assert "vqa_accuracy" in capsys.readouterr().out  # the printed table
+
+
+def test_eval_of_a_recipe_scores_the_base_model(tmp_path):
+    metrics = evaluate("demo/vqa", {**EVAL, "output_dir": str(tmp_path)})
+    assert (tmp_path / "eval-base" / "metrics.json").is_file() and metrics["examples"] == 16
+
+
+def test_batched_left_padded_generation_matches_one_by_one(small_run):
+    from finetune.config import load_recipe
+    from finetune.evaluation import eval_items
+
+    model, processor, _ = load_for_inference(small_run)
+    recipe = load_recipe(small_run / "recipe.yaml", {"data.eval": "synthetic:dialogue/eval?n=4"})
+    items = eval_items(recipe)  # prompts of different lengths, so the batch really is padded
+    prompts = [(i["messages"], i["images"], i["root"]) for i in items]
+    assert len({len(str(p[0])) for p in prompts}) > 1
+    batched = generate(model, processor, prompts, max_new_tokens=12, batch_size=4, quiet=True)
+    single = [generate(model, processor, [p], max_new_tokens=12, batch_size=1, quiet=True)[0] for p in prompts]
+    assert batched == single
+
+
+def test_answers_are_cut_at_the_end_of_turn(processor):
+    assert _cut("red<|im_end|>\n<|im_start|>user\nmore", processor.tokenizer) == "red"
+    assert _cut("  two circles ", processor.tokenizer) == "two circles"
+
+
+def test_dialogue_eval_reports_rouge_and_perplexity(small_run, tmp_path):
+    metrics = evaluate(small_run, {"task": "dialogue", "data.eval": "synthetic:dialogue/eval?n=4"},
+                       output_dir=tmp_path)
+    assert 0 <= metrics["ROUGE-L"] <= 1 and metrics["perplexity"] > 1
+
+
+def test_caption_eval_reports_coco_metrics(small_run, tmp_path):
+    metrics = evaluate(small_run, {"task": "caption", "data.eval": "synthetic:caption/eval?n=4"},
+                       output_dir=tmp_path)
+    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(metrics) and metrics["examples"] == 4
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "finetune", *args], input=stdin, capture_output=True, text=True,
+                          check=False, cwd=ROOT, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.slow
+def test_predict_and_chat_commands(small_run, tmp_path, shapes_image):
+    image = tmp_path / "shapes.png"
+    shapes_image.save(image)
+    done = cli("predict", str(small_run), "--image", str(image), "--prompt", "What color are the shapes?")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()  # one answer line
+    talk = cli("chat", str(small_run), "--image", str(image), stdin="What color are the shapes?\nAnd the shape?\n/quit\n")
+    assert talk.returncode == 0, talk.stderr[-2000:]
+    assert talk.stdout.count("model> ") == 2
+    missing = cli("predict", str(small_run), "--image", str(tmp_path / "nope.png"), "--prompt", "Hi")
+    assert missing.returncode == 2 and "image not found" in missing.stderr
+
+
+def test_chat_keeps_the_conversation(small_run, tmp_path, shapes_image):
+    from finetune.chat import chat
+
+    image = tmp_path / "shapes.png"
+    shapes_image.save(image)
+    inputs = iter(["What color are the shapes?", "And how many?", "/quit"])
+    messages = chat(small_run, str(image), read=lambda _: next(inputs), write=lambda _: None)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[0]["content"].startswith("<image>") and "<image>" not in messages[2]["content"]
