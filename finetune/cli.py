@@ -36,6 +36,13 @@ def cmd_chat(args) -> None:
     chat(args.run, args.image, args.max_new_tokens)
 
 
+def cmd_data(args) -> None:
+    from finetune.data.check import check_data
+
+    if not check_data(args.recipe, list(args.overrides)):
+        raise SystemExit(1)
+
+
 def cmd_recipes(args) -> None:
     from finetune.config import RECIPES_DIR, parse_yaml, shipped_recipes
 
@@ -45,7 +52,8 @@ def cmd_recipes(args) -> None:
         print(f"{name:<20} {raw.get('description', '')}")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "chat": cmd_chat, "recipes": cmd_recipes}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "chat": cmd_chat, "data": cmd_data,
+            "recipes": cmd_recipes}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             p.add_argument("--prompt", required=True, help="the question or instruction")
         p.add_argument("--max-new-tokens", type=int, default=None)
+    data = sub.add_parser("data", help="data tools: finetune data check RECIPE [KEY=VALUE ...]")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    p = data_sub.add_parser("check", help="read every row as training would; exit 1 if any is unusable")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser
 

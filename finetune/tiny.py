@@ -298,6 +298,7 @@ def pretrain_vision(model, pixel_values, scenes, gen, log=print) -> None:
         _step(loss, params, opt, sched)
         if step % 50 == 0 or step == cfg["vision_steps"] - 1:
             log(f"vision step {step} " + " ".join(f"{a} {v.item():.3f}" for a, v in losses.items()) + f" {time.time() - t0:.0f}s")
+    return heads
 
 
 @torch.no_grad()

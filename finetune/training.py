@@ -18,7 +18,7 @@ from finetune.adapters import attach_adapters
 from finetune.config import Recipe, load_recipe, parse_overrides, save_recipe
 from finetune.data.collate import ChatEncoder, Collator
 from finetune.data.dataset import build_dataset
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, FinetuneError
 from finetune.models import choose_dtype, load_model
 from finetune.tasks import TASKS
 
@@ -72,7 +72,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     compare = recipe.eval.before_after and recipe.data.eval and args.world_size == 1
     before = _score(recipe, model, processor, out / "eval-before") if compare else None
 
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
 
     trainer.save_model(str(out))  # adapter_config.json + adapter_model.safetensors (+ processor files)
     if trainer.is_world_process_zero():
@@ -102,6 +102,7 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
     if values.pop("group_by_length", False):  # the transformers 4 name users know
         values["train_sampling_strategy"] = "group_by_length"
     values.setdefault("seed", recipe.seed)
+    values.setdefault("dataloader_pin_memory", torch.cuda.is_available())
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         # Accelerate only sets up multi-process CPU training (DDP over gloo) when told it is on the CPU.
         values.setdefault("use_cpu", True)
@@ -123,9 +124,44 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
         raise ConfigError(f"train: {str(err).strip().splitlines()[0]}") from None
 
 
+def resume_checkpoint(args: TrainingArguments) -> str | None:
+    """The checkpoint to resume from: `true` means the newest *complete* one in output_dir.
+
+    Trainer writes trainer_state.json last, so a checkpoint without it was cut short (a kill during the
+    save); it is renamed aside so neither we nor Trainer's rotation mistake it for the newest.
+    """
+    wanted = args.resume_from_checkpoint
+    if wanted in (None, False, "false", "False", ""):
+        return None
+    if wanted not in (True, "true", "True"):
+        if not (Path(wanted) / "trainer_state.json").is_file():
+            raise FinetuneError(f"train.resume_from_checkpoint: {wanted} is not a complete checkpoint")
+        return str(wanted)
+    out = Path(args.output_dir)
+    for folder in out.glob("checkpoint-*"):
+        if folder.name.removeprefix("checkpoint-").isdigit() and not (folder / "trainer_state.json").is_file():
+            if args.process_index == 0:
+                log.warning("%s was not finished (killed during the save); moving it aside", folder)
+                folder.rename(folder.with_name(folder.name + ".incomplete"))
+    newest = _newest_checkpoint(out)
+    if newest is None:
+        raise FinetuneError(f"--resume: no complete checkpoint in {out} (set train.save_steps to write some)")
+    return newest
+
+
 class LengthAwareTrainer(Trainer):
-    """Trainer whose length-grouped sampler uses the lengths measured while checking the data,
-    instead of encoding (and decoding every image of) the whole dataset again at start-up."""
+    """Trainer whose length-grouped sampler uses the lengths measured while checking the data, instead of
+    encoding (and decoding every image of) the whole dataset again; and which stops on a non-finite loss."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            last = self.state.best_model_checkpoint or _newest_checkpoint(self.args.output_dir)
+            raise FinetuneError(
+                f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}: lower train.learning_rate, "
+                f"check the data, or use fp32/bf16; last good checkpoint: {last or 'none yet'}"
+            )
+        return loss
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -133,6 +169,13 @@ class LengthAwareTrainer(Trainer):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(batch, lengths=dataset.lengths)
         return super()._get_train_sampler(train_dataset)
+
+
+def _newest_checkpoint(output_dir) -> str | None:
+    """The complete checkpoint with the highest step (trainer_state.json is written last)."""
+    done = [f for f in Path(output_dir).glob("checkpoint-*")
+            if f.name.removeprefix("checkpoint-").isdigit() and (f / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda f: int(f.name.removeprefix("checkpoint-")))) if done else None
 
 
 def setup_logging() -> None:

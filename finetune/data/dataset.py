@@ -79,8 +79,9 @@ def load_examples(spec: str, cfg: DataConfig, split: str) -> tuple[Rows, list[di
     return rows, examples, report
 
 
-def build_dataset(spec: str, cfg: DataConfig, encoder: ChatEncoder, split: str = "train",
-                  progress: bool = True) -> tuple[SupervisedDataset, Report]:
+def check_examples(spec: str, cfg: DataConfig, encoder: ChatEncoder, split: str = "train",
+                   progress: bool = True) -> tuple[list[dict], list[int], Report]:
+    """Convert and encode every row once: the usable examples, their token lengths, and the report."""
     rows, examples, report = load_examples(spec, cfg, split)
     root = _image_root(cfg, rows)
     kept, lengths = [], []
@@ -96,6 +97,13 @@ def build_dataset(spec: str, cfg: DataConfig, encoder: ChatEncoder, split: str =
         except DataError as err:
             report.problems.append((example["location"], _one_line(err)))
     report.examples = len(kept)
+    return kept, lengths, report
+
+
+def build_dataset(spec: str, cfg: DataConfig, encoder: ChatEncoder, split: str = "train",
+                  progress: bool = True) -> tuple[SupervisedDataset, Report]:
+    """The training dataset; unusable rows fail the run (or are skipped), too-long rows are dropped."""
+    kept, lengths, report = check_examples(spec, cfg, encoder, split, progress)
     if report.problems:
         if cfg.on_error == "fail":
             raise DataError(report.summary() + "\n(set data.on_error=skip to drop these rows)")
@@ -105,7 +113,7 @@ def build_dataset(spec: str, cfg: DataConfig, encoder: ChatEncoder, split: str =
         log.warning("dropped %d row(s) longer than data.max_length=%d: %s", len(report.too_long), cfg.max_length,
                     shown)
     if not kept:
-        raise DataError(f"{rows.name}: no usable example left")
+        raise DataError(f"{report.source}: no usable example left")
     return SupervisedDataset(kept, encoder, lengths), report
 
 

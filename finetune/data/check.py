@@ -1,0 +1,40 @@
+"""`finetune data check`: read every row of data.train and data.eval as training would, report problems."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from finetune.config import load_recipe
+from finetune.data.collate import ChatEncoder
+from finetune.data.dataset import Report, _reason_kind, check_examples
+from finetune.errors import ConfigError
+from finetune.models import load_processor
+
+
+def check_data(recipe, overrides=None, write=print) -> bool:
+    """Prints `file:row: reason` for every unusable row and a summary; True when every row is usable."""
+    recipe = load_recipe(recipe, overrides)
+    if not recipe.data.train and not recipe.data.eval:
+        raise ConfigError("nothing to check: set data.train and/or data.eval")
+    # Only the processor is needed (tokenizer, chat template, image processor): no model weights load.
+    encoder = ChatEncoder(load_processor(recipe.model), recipe.data.max_length)
+    cfg = recipe.data
+    ok = True
+    for spec, split in ((cfg.train, cfg.split), (cfg.eval, cfg.eval_split or "validation")):
+        if not spec:
+            continue
+        relaxed = type(cfg)(**{**cfg.__dict__, "on_too_long": "drop"})
+        _, _, report = check_examples(spec, relaxed, encoder, split)
+        problems = report.problems + [(loc, f"too long for data.max_length={cfg.max_length}")
+                                      for loc in report.too_long]
+        for location, reason in problems:
+            write(f"{location}: {reason}")
+        write(_summary(report, problems))
+        ok = ok and not problems
+    return ok
+
+
+def _summary(report: Report, problems: list) -> str:
+    counts = Counter(_reason_kind(reason) for _, reason in problems)
+    detail = ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+    return f"{report.source}: {report.rows} rows, {len(problems)} unusable" + (f" ({detail})" if detail else "")
