@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from finetune.adapters import attach_adapters
@@ -50,6 +50,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
         raise ConfigError("data.train is not set: give a data file, e.g. data.train=my.jsonl")
     args = training_arguments(recipe)
 
+    set_seed(args.seed)  # LoRA's initial weights too, so two runs of one recipe are the same run
     model, processor = load_model(recipe.model)
     model = attach_adapters(
         model, recipe.adapter, quantized=recipe.model.quantization == "4bit",
@@ -138,11 +139,10 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
             raise FinetuneError(f"train.resume_from_checkpoint: {wanted} is not a complete checkpoint")
         return str(wanted)
     out = Path(args.output_dir)
-    for folder in out.glob("checkpoint-*"):
+    for folder in out.glob("checkpoint-*") if args.process_index == 0 else []:
         if folder.name.removeprefix("checkpoint-").isdigit() and not (folder / "trainer_state.json").is_file():
-            if args.process_index == 0:
-                log.warning("%s was not finished (killed during the save); moving it aside", folder)
-                folder.rename(folder.with_name(folder.name + ".incomplete"))
+            log.warning("%s was not finished (killed during the save); moving it aside", folder)
+            folder.rename(folder.with_name(folder.name + ".incomplete"))
     newest = _newest_checkpoint(out)
     if newest is None:
         raise FinetuneError(f"--resume: no complete checkpoint in {out} (set train.save_steps to write some)")
