@@ -35,7 +35,22 @@ def detect_format(row: dict) -> str:
 
 def row_to_examples(row: dict, fmt: str = "auto", columns: dict | None = None, prompt: str | None = None,
                     system_prompt: str | None = None) -> list[dict]:
-    """Canonical Examples of one row (a caption row with several captions gives one per caption)."""
+    """Canonical Examples of one row (a caption row with several captions gives one per caption).
+
+    Raises DataError, and only DataError, for any row it cannot use.
+    """
+    try:
+        return _row_to_examples(row, fmt, columns, prompt, system_prompt)
+    except DataError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a shape no check above foresaw
+        detail = f"missing {err}" if isinstance(err, KeyError) else str(err).splitlines()[0] if str(err) else ""
+        raise DataError(f"malformed row ({type(err).__name__}{': ' + detail if detail else ''})") from None
+
+
+def _row_to_examples(row, fmt, columns, prompt, system_prompt) -> list[dict]:
+    if not isinstance(row, dict):
+        raise DataError("a row must be a mapping of columns")
     if columns:
         row = {ours: row[theirs] for ours, theirs in columns.items() if theirs in row} | {
             k: v for k, v in row.items() if k not in columns.values()
