@@ -49,7 +49,7 @@ def load_for_inference(target, overrides=None):
 
 
 def evaluate(target, overrides: list[str] | dict | None = None, model=None, processor=None,
-             output_dir: str | Path | None = None, quiet: bool = False) -> dict:
+             output_dir: str | Path | None = None, quiet: bool = False, write: bool = True) -> dict:
     """Task metrics on `data.eval`; writes metrics.json and predictions.jsonl; returns the metrics."""
     if model is None:
         model, processor, recipe = load_for_inference(target, overrides)
@@ -70,7 +70,8 @@ def evaluate(target, overrides: list[str] | dict | None = None, model=None, proc
     metrics.update({"examples": len(items), "examples_per_second": round(len(items) / max(seconds, 1e-9), 3)})
     out = Path(output_dir or recipe.eval.output_dir or (
         Path(target) / "eval" if is_run_folder(target) else Path(recipe.output_dir) / "eval-base"))
-    write_results(out, metrics, items, predictions)
+    if write:
+        write_results(out, metrics, items, predictions)
     if not quiet:
         print(format_table(metrics, title=f"{recipe.task} on {recipe.data.eval}"))
     return metrics

@@ -69,6 +69,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=Collator(encoder.tokenizer.pad_token_id), processing_class=processor,
     )
+    trainer.recipe = recipe
     out = Path(args.output_dir)
     compare = recipe.eval.before_after and recipe.data.eval and args.world_size == 1
     before = _score(recipe, model, processor, out / "eval-before") if compare else None
@@ -152,6 +153,26 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
 class LengthAwareTrainer(Trainer):
     """Trainer whose length-grouped sampler uses the lengths measured while checking the data, instead of
     encoding (and decoding every image of) the whole dataset again; and which stops on a non-finite loss."""
+
+    recipe: Recipe | None = None
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Eval loss, plus the task metric by generation (so `metric_for_best_model: vqa_accuracy` works).
+
+        Every rank computes it: Trainer picks the best checkpoint on all ranks."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.recipe is not None and eval_dataset is None and self.recipe.data.eval:
+            from finetune.evaluation import evaluate
+
+            out = Path(self.args.output_dir) / f"eval-step-{self.state.global_step}"
+            self.model.eval()
+            task = evaluate(self.recipe, model=self.model, processor=self.processing_class, output_dir=out,
+                            quiet=True, write=self.is_world_process_zero())
+            self.model.train()
+            extra = {f"{metric_key_prefix}_{k}": v for k, v in task.items() if isinstance(v, float)}
+            metrics.update(extra)
+            self.log(extra)
+        return metrics
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

@@ -131,3 +131,18 @@ def test_torchrun_two_cpu_processes_shard_the_data(tmp_path):
     # 64 examples, 8 per process: one epoch is 4 steps on two ranks (8 on one), so each rank read its shard.
     assert state["global_step"] == 4
     assert (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_eval_during_training_reports_the_task_metric_and_keeps_the_best(tmp_path):
+    run = train("demo/vqa", {**SMALL, "output_dir": str(tmp_path / "run"), "data.eval": "synthetic:vqa/eval?n=4",
+                             "train.max_steps": 4, "train.eval_strategy": "steps", "train.eval_steps": 2,
+                             "train.save_strategy": "steps", "train.save_steps": 2,
+                             "train.metric_for_best_model": "vqa_accuracy", "train.load_best_model_at_end": True,
+                             "eval.before_after": False})
+    state = json.loads((run / "trainer_state.json").read_text())
+    scores = {e["step"]: e["eval_vqa_accuracy"] for e in state["log_history"] if "eval_vqa_accuracy" in e}
+    assert sorted(scores) == [2, 4]
+    best_step = max(scores, key=lambda s: (scores[s], -s))
+    assert state["best_model_checkpoint"].endswith(f"checkpoint-{best_step}")
+    assert (run / "eval-step-2" / "predictions.jsonl").is_file()
