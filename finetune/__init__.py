@@ -11,8 +11,13 @@ _API = {
     "Recipe": "finetune.config",
     "train": "finetune.training",
     "FinetuneError": "finetune.errors",
+    "evaluate": "finetune.evaluation",
+    "predict": "finetune.evaluation",
+    "load_adapter": "finetune.hub",
+    "push": "finetune.hub",
+    "merge": "finetune.hub",
 }
-__all__ = ["FinetuneError", "Recipe", "load_recipe", "train"]
+__all__ = ["FinetuneError", "Recipe", "evaluate", "load_adapter", "load_recipe", "merge", "predict", "push", "train"]
 
 
 def __getattr__(name):

@@ -43,6 +43,18 @@ def cmd_data(args) -> None:
         raise SystemExit(1)
 
 
+def cmd_push(args) -> None:
+    from finetune.hub import push
+
+    push(args.run, args.repo, private=args.private, revision=args.revision)  # prints the repo URL
+
+
+def cmd_merge(args) -> None:
+    from finetune.hub import merge
+
+    print(merge(args.run, args.out))
+
+
 def cmd_recipes(args) -> None:
     from finetune.config import RECIPES_DIR, parse_yaml, shipped_recipes
 
@@ -53,7 +65,7 @@ def cmd_recipes(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "chat": cmd_chat, "data": cmd_data,
-            "recipes": cmd_recipes}
+            "push": cmd_push, "merge": cmd_merge, "recipes": cmd_recipes}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser("check", help="read every row as training would; exit 1 if any is unusable")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("push", help="upload adapter, processor, recipe, metrics and model card to the Hub")
+    p.add_argument("run")
+    p.add_argument("--repo", required=True, help="OWNER/NAME")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", help="branch to commit to (created if missing)")
+    p = sub.add_parser("merge", help="write base + adapter merged into a plain 16-bit model folder")
+    p.add_argument("run")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser
 

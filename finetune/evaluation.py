@@ -67,11 +67,16 @@ def evaluate(target, overrides: list[str] | dict | None = None, model=None, proc
     metrics = task.score(predictions, [i["references"] for i in items], [i["type"] for i in items])
     if recipe.task == "dialogue":
         metrics["perplexity"] = perplexity(model, processor, recipe, items)
-    metrics.update({"examples": len(items), "examples_per_second": round(len(items) / max(seconds, 1e-9), 3)})
+    metrics.update({"examples": len(items), "examples_per_second": round(len(items) / max(seconds, 1e-9), 3),
+                    "dataset": recipe.data.eval})
     out = Path(output_dir or recipe.eval.output_dir or (
         Path(target) / "eval" if is_run_folder(target) else Path(recipe.output_dir) / "eval-base"))
     if write:
         write_results(out, metrics, items, predictions)
+    if write and is_run_folder(target):
+        from finetune.hub import write_model_card
+
+        write_model_card(Path(target), metrics=metrics)  # the card's evaluation table follows the newest eval
     if not quiet:
         print(format_table(metrics, title=f"{recipe.task} on {recipe.data.eval}"))
     return metrics

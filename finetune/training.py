@@ -19,6 +19,7 @@ from finetune.config import Recipe, load_recipe, parse_overrides, save_recipe
 from finetune.data.collate import ChatEncoder, Collator
 from finetune.data.dataset import build_dataset
 from finetune.errors import ConfigError, FinetuneError
+from finetune.hub import write_model_card
 from finetune.models import choose_dtype, load_model
 from finetune.tasks import TASKS
 
@@ -86,6 +87,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
             headline = TASKS[recipe.task].headline
             print(f"held-out {headline}: before {before[headline]:.4f} -> after {after[headline]:.4f} "
                   f"({after['examples']} examples of {recipe.data.eval})")
+        write_model_card(out)  # after the eval above, so the card carries its metrics
         log.info("run folder: %s", out)
     return out
 

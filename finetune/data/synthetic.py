@@ -38,7 +38,7 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 POSITIONS = ("left", "right", "top", "bottom")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
-SIZE_RANGE = (11, 14)  # side of a shape's bounding box, in pixels
+SIZE_RANGE = (12, 13)  # narrow, so that the coloured area never mimics another count
 
 KINDS = ("vqa", "caption", "dialogue")
 SPLITS = ("train", "eval")
