@@ -16,8 +16,9 @@ _API = {
     "load_adapter": "finetune.hub",
     "push": "finetune.hub",
     "merge": "finetune.hub",
+    "check_data": "finetune.data.check",
 }
-__all__ = ["FinetuneError", "Recipe", "evaluate", "load_adapter", "load_recipe", "merge", "predict", "push", "train"]
+__all__ = ["FinetuneError", "Recipe", "check_data", "evaluate", "load_adapter", "load_recipe", "merge", "predict", "push", "train"]
 
 
 def __getattr__(name):
