@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
@@ -117,8 +117,13 @@ def build_tiny_llava(out_dir: Path, seed: int = 0) -> None:
 def build_tokenizer() -> PreTrainedTokenizerFast:
     corpus = GENERIC_TEXT.splitlines() + _synthetic_texts()
     bpe = Tokenizer(models.BPE())
-    # Byte-level: every string maps to known tokens, and decoding round-trips.
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Words, single digits, punctuation runs and whitespace are split apart, so a
+    # word has the same token wherever it stands ("red" after "assistant\n" is
+    # the "red" of "two red circles"); byte-level, so nothing is ever unknown.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}|[^\s\p{L}\p{N}]+|\s+"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=768,
@@ -219,10 +224,23 @@ def _caption_batch(processor, scenes):
     return batch
 
 
-def _text_batches(tokenizer, length: int = 32):
+def _text_batches(tokenizer, scenes, length: int = 32):
+    """Text-only examples: generic text chunks, plus (optionally) questions about a caption."""
     ids = tokenizer(GENERIC_TEXT)["input_ids"]
-    chunks = [ids[i : i + length] for i in range(0, len(ids) - length + 1, length // 2)]
-    return torch.tensor(chunks)
+    rows = [(ids[i : i + length], ids[i : i + length]) for i in range(0, len(ids) - length + 1, length // 2)]
+    if TRAIN.get("text_qa"):
+        for scene in scenes[:2000]:
+            qtype, q, a = random.Random(hash(scene)).choice(scene.qa_pairs())
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"{scene.caption()}\n{q}"}], tokenize=False, add_generation_prompt=True
+            )
+            p_ids = tokenizer(prompt)["input_ids"]
+            a_ids = tokenizer(a + EOS)["input_ids"]
+            rows.append((p_ids + a_ids, [-100] * len(p_ids) + a_ids))
+    width = max(len(x) for x, _ in rows)
+    input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x, _ in rows])
+    labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in rows])
+    return input_ids, labels
 
 
 def pretrain(model, processor, seed: int, log=print) -> None:
@@ -231,7 +249,7 @@ def pretrain(model, processor, seed: int, log=print) -> None:
     scenes = synthetic.make_scenes(cfg["pool"], seed=10_000 + seed)  # disjoint from train/eval seeds
     t0 = time.time()
     data = _caption_batch(processor, scenes)
-    text = _text_batches(processor.tokenizer)
+    text_ids, text_labels = _text_batches(processor.tokenizer, scenes)
     log(f"data {time.time() - t0:.1f}s")
     if cfg.get("vision_steps"):
         pretrain_vision(model, data["pixel_values"], scenes, gen, log)
@@ -240,8 +258,9 @@ def pretrain(model, processor, seed: int, log=print) -> None:
     model.train()
     for step in range(cfg["steps"]):
         if step % cfg["text_every"] == cfg["text_every"] - 1:
-            rows = torch.randint(len(text), (min(8, len(text)),), generator=gen)
-            out = model(input_ids=text[rows], labels=text[rows])
+            rows = torch.randint(len(text_ids), (16,), generator=gen)
+            mask = (text_ids[rows] != processor.tokenizer.pad_token_id).long()
+            out = model(input_ids=text_ids[rows], attention_mask=mask, labels=text_labels[rows])
         else:
             rows = torch.randint(cfg["pool"], (cfg["batch"],), generator=gen)
             out = model(
@@ -308,6 +327,6 @@ def caption_accuracy(model, processor, n: int = 50, seed: int | None = None) -> 
     prompt = caption_prompt(processor)
     processor.tokenizer.padding_side = "left"
     batch = processor(text=[prompt] * n, images=[synthetic.render(s) for s in scenes], return_tensors="pt", padding=True)
-    out = model.generate(**batch, max_new_tokens=16, do_sample=False)
+    out = model.generate(**batch, max_new_tokens=24, do_sample=False)
     preds = processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return sum(p.strip() == s.caption() for p, s in zip(preds, scenes)) / n
