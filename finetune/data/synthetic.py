@@ -42,10 +42,12 @@ SIZE_RANGE = (12, 13)  # narrow, so that the coloured area never mimics another 
 
 KINDS = ("vqa", "caption", "dialogue")
 SPLITS = ("train", "eval")
-DEFAULT_SIZES = {"train": 200, "eval": 50}
+# 500 training scenes (2000 VQA rows): with 200, a 3-epoch LoRA gets colour,
+# shape and position right but generalises poorly on counts (~0.88 overall).
+DEFAULT_SIZES = {"train": 500, "eval": 50}
 # Different seeds per split, so eval images are never seen in training.
 SPLIT_SEEDS = {"train": 1, "eval": 2}
-DATA_VERSION = "v1"  # bump when the generator changes, to invalidate caches
+DATA_VERSION = "v2"  # bump whenever the generator changes, so stale caches are not reused
 
 QUESTIONS = {
     "color": "What color are the shapes?",
@@ -79,10 +81,13 @@ class Scene:
     size: int
     corners: tuple[tuple[int, int], ...]  # top-left corner of each shape
 
+    def place(self) -> str:
+        """``"on the left"``, ``"at the top"``, ..."""
+        return f"{'on' if self.position in ('left', 'right') else 'at'} the {self.position}"
+
     def caption(self) -> str:
         noun = self.shape if self.count == 1 else self.shape + "s"
-        where = "on the" if self.position in ("left", "right") else "at the"
-        return f"{COUNT_WORDS[self.count]} {self.color} {noun} {where} {self.position}"
+        return f"{COUNT_WORDS[self.count]} {self.color} {noun} {self.place()}"
 
     def answers(self) -> dict[str, str]:
         # Already in VQA-normalised form: lower case, digits for numbers.
@@ -100,7 +105,7 @@ class Scene:
             "color": f"{'They are' if plural else 'It is'} {self.color}.",
             "shape": f"{'They are' if plural else 'It is a'} {self.shape}{'s' if plural else ''}.",
             "count": f"There {'are' if plural else 'is'} {self.count}.",
-            "position": f"{'They are' if plural else 'It is'} {self.caption().split(' ', 3)[3]}.",
+            "position": f"{'They are' if plural else 'It is'} {self.place()}.",
         }
         turns = [("What do you see in this image?", f"I see {self.caption()}.")]
         for qtype in rng.sample(list(QUESTIONS), rng.randint(1, 2)):
@@ -115,9 +120,9 @@ def sample_scene(rng: random.Random) -> Scene:
     size = rng.randint(*SIZE_RANGE)
     corners: list[tuple[int, int]] = []
     tries = 0
-    while len(corners) < count:  # rejection sampling; start over if the first shapes block the rest
+    while len(corners) < count:  # rejection sampling
         tries += 1
-        if tries % 500 == 0:
+        if tries % 500 == 0:  # the first shapes leave no room for the rest: start over
             corners = []
         x0, y0, x1, y1 = _HALVES[position]
         x, y = rng.randint(x0, x1 - size), rng.randint(y0, y1 - size)
@@ -200,19 +205,15 @@ _SPEC = re.compile(r"synthetic:(\w+)/(\w+)(?:\?n=(\d+))?")
 
 
 def parse_spec(spec: str) -> tuple[str, str, int]:
-    """``"synthetic:vqa/train?n=64"`` -> ``("vqa", "train", 64)``."""
+    """``"synthetic:vqa/train?n=64"`` -> ``("vqa", "train", 64)``; ``n`` defaults per split."""
     match = _SPEC.fullmatch(spec.strip())
-    if not match or match[1] not in KINDS or match[2] not in SPLITS or match[3] == "0":
+    n = int(match[3]) if match and match[3] else None
+    if not match or match[1] not in KINDS or match[2] not in SPLITS or n == 0:
         raise ValueError(
             f"bad synthetic dataset spec {spec!r}: expected 'synthetic:<kind>/<split>[?n=N]' "
             f"with kind in {'|'.join(KINDS)}, split in {'|'.join(SPLITS)} and N > 0"
         )
-    kind, split = match[1], match[2]
-    return kind, split, int(match[3]) if match[3] else DEFAULT_SIZES[split]
-
-
-def is_synthetic(spec: str) -> bool:
-    return isinstance(spec, str) and spec.startswith("synthetic:")
+    return match[1], match[2], n or DEFAULT_SIZES[match[2]]
 
 
 def synthetic_path(spec: str) -> Path:
@@ -231,8 +232,10 @@ def synthetic_path(spec: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(final) + ".lock"):
         if not jsonl.exists():
+            # Generate beside the target, then rename: readers never see half a folder.
             tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}-"))
             try:
+                tmp.chmod(0o755)  # mkdtemp's 0700 would lock other users out of a shared cache
                 write_dataset(kind, split, tmp, n)
                 os.replace(tmp, final)
             finally:
@@ -242,4 +245,7 @@ def synthetic_path(spec: str) -> Path:
 
 def _check(kind: str, split: str) -> None:
     if kind not in KINDS or split not in SPLITS:
-        raise ValueError(f"unknown synthetic kind/split {kind!r}/{split!r}: kinds are {KINDS}, splits are {SPLITS}")
+        raise ValueError(
+            f"unknown synthetic kind/split {kind!r}/{split!r}: kind is one of {'|'.join(KINDS)}, "
+            f"split one of {'|'.join(SPLITS)}"
+        )
