@@ -128,13 +128,13 @@ def test_a_broken_dataset_is_reported_by_row_before_training(folder, processor):
 def test_rows_too_long_are_dropped_and_named(folder, processor, caplog):
     rows = vqa_rows() + [{"image": "img/a.png", "question": "word " * 400, "answer": "x"}]
     path = write_jsonl(folder / "d.jsonl", rows)
-    encoder = ChatEncoder(processor, max_length=64)
+    encoder = ChatEncoder(processor, max_length=128)  # one image is 64 tokens; a short VQA row about 86
     with caplog.at_level("WARNING", logger="finetune"):
-        dataset, report = build_dataset(str(path), DataConfig(max_length=64), encoder, progress=False)
+        dataset, report = build_dataset(str(path), DataConfig(max_length=128), encoder, progress=False)
     assert len(dataset) == 2 and report.too_long == [f"{path}:3"]
-    assert f"dropped 1 row(s) longer than data.max_length=64: {path}:3" in caplog.text
+    assert f"dropped 1 row(s) longer than data.max_length=128: {path}:3" in caplog.text
     with pytest.raises(DataError, match=f"{path}:3: .*data.on_too_long=fail"):
-        build_dataset(str(path), DataConfig(max_length=64, on_too_long="fail"), encoder, progress=False)
+        build_dataset(str(path), DataConfig(max_length=128, on_too_long="fail"), encoder, progress=False)
 
 
 def test_missing_file_and_unknown_hub_dataset(tmp_path, monkeypatch):

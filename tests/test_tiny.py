@@ -19,17 +19,14 @@ from finetune.data import synthetic
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A temporary FINETUNE_CACHE shared by this session's synthetic/tiny tests (restored afterwards)."""
-    path = tmp_path_factory.getbasetemp() / "finetune-cache"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("FINETUNE_CACHE", str(path))
-        yield path
+def cache():
+    # The cache every other test uses ($FINETUNE_CACHE in CI): the 1-2 minute build happens once per run.
+    return synthetic.cache_dir()
 
 
 @pytest.fixture(scope="module")
-def folder(cache):
-    return tiny.tiny_llava_path()  # built once per session (about 1-2 minutes), then cached
+def folder(cache, tiny_path):
+    return tiny_path
 
 
 @pytest.fixture(scope="module")
