@@ -97,3 +97,14 @@ def test_chat_keeps_the_conversation(small_run, tmp_path, shapes_image):
     messages = chat(small_run, str(image), read=lambda _: next(inputs), write=lambda _: None)
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert messages[0]["content"].startswith("<image>") and "<image>" not in messages[2]["content"]
+
+
+@pytest.mark.slow
+def test_fine_tuning_clearly_improves_held_out_vqa(tmp_path, capsys):
+    """The demo's proof of learning on a smaller budget: 100 training scenes, 2 epochs."""
+    train("demo/vqa", {"output_dir": str(tmp_path / "run"), "data.train": "synthetic:vqa/train?n=100",
+                       "train.num_train_epochs": 2, "eval.max_examples": 100})
+    before = json.loads((tmp_path / "run" / "eval-before" / "metrics.json").read_text())["vqa_accuracy"]
+    after = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["vqa_accuracy"]
+    assert before <= 0.1 and after >= 0.5, (before, after)
+    assert f"before {before:.4f} -> after {after:.4f}" in capsys.readouterr().out
