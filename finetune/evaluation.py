@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from finetune.config import Recipe, load_recipe
 from finetune.data.collate import ChatEncoder
-from finetune.data.dataset import load_examples
+from finetune.data.dataset import image_root, load_examples
 from finetune.data.images import open_image
 from finetune.errors import ConfigError, DataError
 from finetune.models import choose_dtype, load_model
@@ -87,7 +87,7 @@ def eval_items(recipe: Recipe) -> list[dict]:
     rows, examples, report = load_examples(recipe.data.eval, recipe.data, recipe.data.eval_split or "validation")
     if report.problems and recipe.data.on_error == "fail":
         raise DataError(report.summary() + "\n(set data.on_error=skip to drop these rows)")
-    root = Path(recipe.data.image_root).expanduser() if recipe.data.image_root else rows.base_dir
+    root = image_root(recipe.data, rows)
     items, seen = [], set()
     for example in examples:
         if example["location"] in seen:  # caption rows give one example per caption; score each row once

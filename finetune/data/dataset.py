@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -83,7 +84,7 @@ def check_examples(spec: str, cfg: DataConfig, encoder: ChatEncoder, split: str 
                    progress: bool = True) -> tuple[list[dict], list[int], Report]:
     """Convert and encode every row once: the usable examples, their token lengths, and the report."""
     rows, examples, report = load_examples(spec, cfg, split)
-    root = _image_root(cfg, rows)
+    root = image_root(cfg, rows)
     kept, lengths = [], []
     for example in tqdm(examples, desc=f"checking {rows.name}", disable=not progress, unit="ex", leave=False):
         example["root"] = root
@@ -117,9 +118,8 @@ def build_dataset(spec: str, cfg: DataConfig, encoder: ChatEncoder, split: str =
     return SupervisedDataset(kept, encoder, lengths), report
 
 
-def _image_root(cfg: DataConfig, rows: Rows):
-    from pathlib import Path
-
+def image_root(cfg: DataConfig, rows: Rows) -> Path:
+    """Where relative image paths point: data.image_root, else the data file's folder."""
     return Path(cfg.image_root).expanduser() if cfg.image_root else rows.base_dir
 
 
