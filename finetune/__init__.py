@@ -13,12 +13,13 @@ _API = {
     "FinetuneError": "finetune.errors",
     "evaluate": "finetune.evaluation",
     "predict": "finetune.evaluation",
-    "load_adapter": "finetune.hub",
+    "load_adapter": "finetune.run",
+    "Run": "finetune.run",
     "push": "finetune.hub",
-    "merge": "finetune.hub",
+    "merge": "finetune.run",
     "check_data": "finetune.data.check",
 }
-__all__ = ["FinetuneError", "Recipe", "check_data", "evaluate", "load_adapter", "load_recipe", "merge", "predict", "push", "train"]
+__all__ = ["FinetuneError", "Recipe", "Run", "check_data", "evaluate", "load_adapter", "load_recipe", "merge", "predict", "push", "train"]
 
 
 def __getattr__(name):

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from finetune.evaluation import generate, load_for_inference
-from finetune.models import choose_dtype
+from finetune.evaluation import open_target
+from finetune.generation import generate
 from finetune.tasks import TASKS
 
 HELP = "type a message; /reset starts over, /quit (or Ctrl-D) ends"
 
 
 def chat(run, image: str | None, max_new_tokens: int | None = None, read=input, write=print) -> list[dict]:
-    """Runs until /quit or end of input; returns the conversation."""
-    model, processor, recipe = load_for_inference(run)
+    """Runs until /quit or end of input; returns the conversation. `run`: a run folder, Hub repo id or recipe."""
+    model, processor, recipe, _ = open_target(run)
     images = [str(Path(image).resolve())] if image else []
     limit = max_new_tokens or max(TASKS[recipe.task].max_new_tokens, 96)
     messages: list[dict] = []
@@ -33,8 +33,7 @@ def chat(run, image: str | None, max_new_tokens: int | None = None, read=input, 
         first = not messages
         messages.append({"role": "user", "content": ("<image>\n" if first and images else "") + text})
         used = images if any("<image>" in m["content"] for m in messages) else []
-        reply = generate(model, processor, [(messages, used, Path.cwd())], limit,
-                         dtype=choose_dtype(recipe.model), quiet=True)[0]
+        reply = generate(model, processor, [(messages, used, Path.cwd())], limit, quiet=True)[0]
         messages.append({"role": "assistant", "content": reply})
         write(f"model> {reply}")
     return messages

@@ -50,7 +50,7 @@ def cmd_push(args) -> None:
 
 
 def cmd_merge(args) -> None:
-    from finetune.hub import merge
+    from finetune.run import merge
 
     print(merge(args.run, args.out))
 
@@ -76,12 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted recipe keys, e.g. data.train=my.jsonl train.max_steps=100")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     p = sub.add_parser("eval", help="task metrics on data.eval: finetune eval RUN_OR_RECIPE [KEY=VALUE ...]")
-    p.add_argument("target", help="a run folder (base + adapter) or a recipe (the base model alone)")
+    p.add_argument("target", help="a run folder or Hub repo id (base + adapter), or a recipe (the base model alone)")
     p.add_argument("overrides", nargs="*", help="dotted recipe keys, e.g. data.eval=test.jsonl")
     for name, helptext in (("predict", "one answer for one image and prompt"),
                            ("chat", "an interactive multi-turn chat about an image")):
         p = sub.add_parser(name, help=helptext)
-        p.add_argument("run", help="a run folder (or a recipe, for the base model)")
+        p.add_argument("run", help="a run folder or Hub repo id (or a recipe, for the base model)")
         p.add_argument("--image", help="image file")
         if name == "predict":
             p.add_argument("--prompt", required=True, help="the question or instruction")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
     p.add_argument("--revision", help="branch to commit to (created if missing)")
     p = sub.add_parser("merge", help="write base + adapter merged into a plain 16-bit model folder")
-    p.add_argument("run")
+    p.add_argument("run", help="a run folder or Hub repo id")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import re
 import types
 import typing
@@ -18,9 +19,10 @@ from typing import Any
 import yaml
 
 from finetune.errors import ConfigError
+from finetune.tasks import TASKS
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-TASKS = ("vqa", "caption", "dialogue")
+# Package data (the repository's recipes/ folder, installed as finetune.recipes), so wheels carry the recipes.
+RECIPES_DIR = Path(str(importlib.resources.files("finetune.recipes")))
 FORMATS = ("auto", "llava", "messages", "vqa", "caption")
 # PyYAML (YAML 1.1) reads `1e-4` as a string; everyone writes learning rates that way.
 SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -47,7 +49,7 @@ def parse_yaml(text: str):
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny-llava"  # Hub id, local folder, or "tiny-llava" (the embedded default)
+    name: str = "tiny-llava"  # Hub id, local folder, or an embedded demo model (finetune.demo.EMBEDDED_MODELS)
     quantization: str = "none"  # none | 4bit (NF4 + double quantization, decoder only)
     dtype: str = "auto"  # auto: bf16 on a GPU that has it, else fp32 | float32 | bfloat16 | float16
     revision: str | None = None
@@ -108,7 +110,7 @@ class DataConfig:
 class EvalConfig:
     output_dir: str | None = None  # default: <run>/eval (a run) or <output_dir>/eval-base (a recipe)
     batch_size: int = 16
-    max_new_tokens: int | None = None  # task default: vqa 16, caption 48, dialogue 96
+    max_new_tokens: int | None = None  # default: the task's (finetune.tasks.TASKS)
     max_examples: int | None = None
     before_after: bool = False  # train() also scores the base model first and prints both numbers
 
@@ -126,7 +128,7 @@ class Recipe:
     description: str = ""
 
     def __post_init__(self):
-        _check_choice("task", self.task, TASKS)
+        _check_choice("task", self.task, tuple(TASKS))
         self.train = {k: _number(v) for k, v in self.train.items()}
         valid = training_argument_names() | {"group_by_length"}
         for key in self.train:

@@ -1,7 +1,7 @@
-"""Batched generation on held-out data, scored with the task's official metric.
+"""Held-out evaluation: `score()` (pure: model + items -> metrics and per-example predictions) and the
+`evaluate` / `predict` commands, which open a run or a recipe, write the files, refresh the card and print.
 
-`evaluate(run_folder)` scores base + adapter; `evaluate(recipe)` scores the base model alone (the
-"before" number). Writes metrics.json and predictions.jsonl, prints a table.
+`evaluate(run_folder_or_hub_id)` scores base + adapter; `evaluate(recipe)` scores the base model alone.
 """
 
 from __future__ import annotations
@@ -9,163 +9,103 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from finetune.config import Recipe, load_recipe
+from finetune.config import Recipe, find_recipe, load_recipe
 from finetune.data.collate import ChatEncoder
-from finetune.data.dataset import image_root, load_examples
-from finetune.data.images import open_image
+from finetune.data.dataset import load_examples
+from finetune.data.formats import Example
 from finetune.errors import ConfigError, DataError
-from finetune.models import choose_dtype, load_model
-from finetune.tasks import TASKS
+from finetune.generation import generate
+from finetune.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
 
 
-def is_run_folder(target) -> bool:
-    return isinstance(target, (str, Path)) and (Path(target) / "adapter_config.json").is_file()
+@dataclass(frozen=True)
+class EvalItem:
+    """One held-out row: the conversation through its last reply, and what the prediction is compared with."""
+
+    id: str
+    example: Example  # ends with the held-out reply (perplexity scores it; generation gets what precedes it)
+    references: tuple[str, ...]
+    question_type: str | None
+
+    @property
+    def prompt(self) -> list[dict]:
+        return list(self.example.messages[:-1])
 
 
-def load_for_inference(target, overrides=None):
-    """(model, processor, recipe) for a run folder (base + adapter) or a recipe (base alone)."""
-    from peft import PeftModel
-    from transformers import AutoProcessor
-
-    if is_run_folder(target):
-        recipe = load_recipe(Path(target) / "recipe.yaml", overrides)
-        model, _ = load_model(recipe.model)
-        model = PeftModel.from_pretrained(model, str(target))
-        processor = AutoProcessor.from_pretrained(str(target))
-    else:
-        if isinstance(target, (str, Path)) and Path(target).is_dir():
-            raise ConfigError(f"{target} is a folder without adapter_config.json: not a finished run")
-        recipe = load_recipe(target, overrides)
-        model, processor = load_model(recipe.model)
-    model.eval()
-    return model, processor, recipe
-
-
-def evaluate(target, overrides: list[str] | dict | None = None, model=None, processor=None,
-             output_dir: str | Path | None = None, quiet: bool = False, write: bool = True) -> dict:
-    """Task metrics on `data.eval`; writes metrics.json and predictions.jsonl; returns the metrics."""
-    if model is None:
-        model, processor, recipe = load_for_inference(target, overrides)
-    else:
-        recipe = target if isinstance(target, Recipe) else load_recipe(target, overrides)
+def eval_items(recipe: Recipe) -> list[EvalItem]:
+    """One item per held-out row (a caption row with several captions is scored once, against all of them)."""
     if not recipe.data.eval:
         raise ConfigError("no evaluation data: set data.eval=FILE")
-    task = TASKS[recipe.task]
-    items = eval_items(recipe)
-    start = time.perf_counter()
-    predictions = generate(model, processor, [(i["messages"], i["images"], i["root"]) for i in items],
-                           max_new_tokens=recipe.eval.max_new_tokens or task.max_new_tokens,
-                           batch_size=recipe.eval.batch_size, dtype=choose_dtype(recipe.model), quiet=quiet)
-    seconds = time.perf_counter() - start
-    metrics = task.score(predictions, [i["references"] for i in items], [i["type"] for i in items])
-    if recipe.task == "dialogue":
-        metrics["perplexity"] = perplexity(model, processor, recipe, items)
-    metrics.update({"examples": len(items), "examples_per_second": round(len(items) / max(seconds, 1e-9), 3),
-                    "dataset": recipe.data.eval})
-    out = Path(output_dir or recipe.eval.output_dir or (
-        Path(target) / "eval" if is_run_folder(target) else Path(recipe.output_dir) / "eval-base"))
-    if write:
-        write_results(out, metrics, items, predictions)
-    if write and is_run_folder(target):
-        from finetune.hub import write_model_card
-
-        write_model_card(Path(target), metrics=metrics)  # the card's evaluation table follows the newest eval
-    if not quiet:
-        print(format_table(metrics, title=f"{recipe.task} on {recipe.data.eval}"))
-    return metrics
-
-
-def eval_items(recipe: Recipe) -> list[dict]:
-    """One item per held-out row: the conversation up to the last reply, and what to compare with."""
-    rows, examples, report = load_examples(recipe.data.eval, recipe.data, recipe.data.eval_split or "validation")
+    examples, report = load_examples(recipe.data.eval, recipe.data, recipe.data.eval_split or "validation")
     if report.problems and recipe.data.on_error == "fail":
         raise DataError(report.summary() + "\n(set data.on_error=skip to drop these rows)")
-    root = image_root(recipe.data, rows)
     items, seen = [], set()
     for example in examples:
-        if example["location"] in seen:  # caption rows give one example per caption; score each row once
+        if example.location in seen:
             continue
-        seen.add(example["location"])
-        messages = example["messages"]
-        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        references = example["meta"].get("references") or [messages[last]["content"]]
-        items.append({"id": example["meta"].get("id") or example["location"], "messages": messages[:last],
-                      "images": example["images"], "root": root, "references": references,
-                      "type": example["meta"].get("question_type"), "full": messages[: last + 1]})
-    if recipe.eval.max_examples:
-        items = items[: recipe.eval.max_examples]
-    return items
+        seen.add(example.location)
+        last = max(i for i, m in enumerate(example.messages) if m["role"] == "assistant")
+        example = replace(example, messages=example.messages[: last + 1])
+        items.append(EvalItem(id=example.id or example.location, example=example,
+                              references=example.references or (example.messages[last]["content"],),
+                              question_type=example.question_type))
+    return items[: recipe.eval.max_examples] if recipe.eval.max_examples else items
+
+
+def score(model, processor, items: list[EvalItem], task: Task, max_new_tokens: int | None = None,
+          batch_size: int = 16, max_length: int = 2048, quiet: bool = True) -> tuple[dict, list[dict]]:
+    """Generate an answer for every item and score it with the task's metric.
+
+    Returns (metrics, predictions): one prediction row per item with its per-example score."""
+    start = time.perf_counter()
+    answers = generate(model, processor, [(i.prompt, list(i.example.images), i.example.root) for i in items],
+                       max_new_tokens=max_new_tokens or task.max_new_tokens, batch_size=batch_size, quiet=quiet)
+    seconds = time.perf_counter() - start
+    metrics, per_example = task.score(answers, [list(i.references) for i in items], [i.question_type for i in items])
+    if task.name == "dialogue":
+        metrics["perplexity"] = perplexity(model, processor, items, max_length)
+    metrics["examples"] = len(items)
+    metrics["examples_per_second"] = round(len(items) / max(seconds, 1e-9), 3)
+    predictions = [_prediction_row(item, answer, value) for item, answer, value in zip(items, answers, per_example)]
+    return metrics, predictions
 
 
 @torch.no_grad()
-def generate(model, processor, prompts: list[tuple], max_new_tokens: int, batch_size: int = 16,
-             dtype: torch.dtype | None = None, quiet: bool = False) -> list[str]:
-    """Greedy, batched, left-padded generation; each answer cut at the end-of-turn token."""
-    encoder = ChatEncoder(processor, max_length=10**9)
-    tokenizer = encoder.tokenizer
-    tokenizer.padding_side = "left"  # decoder-only: new tokens must follow every prompt directly
-    device = next(model.parameters()).device
-    answers = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=quiet, unit="batch"):
-        batch = prompts[start : start + batch_size]
-        texts = [encoder.render(messages, add_generation_prompt=True) for messages, _, _ in batch]
-        images = [open_image(v, root) for _, values, root in batch for v in values]
-        if images:
-            inputs = processor(text=texts, images=images, padding=True, add_special_tokens=False, return_tensors="pt")
-        else:
-            inputs = tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt")
-        inputs = {k: (v.to(device, dtype) if v.is_floating_point() and dtype else v.to(device)) for k, v in
-                  inputs.items()}
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.pad_token_id)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        answers += [_cut(tokenizer.decode(t, skip_special_tokens=False), tokenizer) for t in new_tokens]
-    return answers
-
-
-def _cut(text: str, tokenizer) -> str:
-    """The reply up to the first end-of-turn token, without special tokens."""
-    stops = {tokenizer.eos_token, tokenizer.pad_token, *getattr(tokenizer, "additional_special_tokens", [])}
-    stops.discard(None)
-    stops.discard("<image>")
-    cut = len(text)
-    for stop in stops:
-        position = text.find(stop)
-        if position != -1:
-            cut = min(cut, position)
-    return text[:cut].strip()
-
-
-@torch.no_grad()
-def perplexity(model, processor, recipe: Recipe, items: list[dict]) -> float:
+def perplexity(model, processor, items: list[EvalItem], max_length: int) -> float:
     """exp(mean loss) over held-out assistant tokens only (the same labels training uses)."""
-    encoder = ChatEncoder(processor, max_length=recipe.data.max_length, dtype=choose_dtype(recipe.model))
-    device = next(model.parameters()).device
+    encoder = ChatEncoder(processor, max_length=max_length, dtype=model.dtype)
     total, count = 0.0, 0
     for item in items:
-        features = encoder.encode({"messages": item["full"], "images": item["images"], "root": item["root"]})
-        batch = {k: (torch.tensor([v]) if isinstance(v, list) else v).to(device) for k, v in features.items()}
+        features = encoder.encode(item.example)
+        batch = {k: (torch.tensor([v]) if isinstance(v, list) else v).to(model.device) for k, v in features.items()}
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         total += float(model(**batch).loss) * tokens
         count += tokens
     return round(float(torch.exp(torch.tensor(total / max(count, 1)))), 4)
 
 
-def write_results(out: Path, metrics: dict, items: list[dict], predictions: list[str]) -> None:
+def _prediction_row(item: EvalItem, prediction: str, value: float) -> dict:
+    messages = item.prompt
+    root = item.example.root or Path.cwd()
+    images = [str((root / v).resolve()) if isinstance(v, (str, Path)) else None for v in item.example.images]
+    return {"id": item.id, "prompt": messages[-1]["content"] if messages else "", "prediction": prediction,
+            "references": list(item.references), "score": round(float(value), 6),
+            "images": [i for i in images if i], "messages": messages}
+
+
+def write_results(out: Path, metrics: dict, predictions: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out / "predictions.jsonl").open("w") as handle:
-        for item, prediction in zip(items, predictions):
-            prompt = item["messages"][-1]["content"] if item["messages"] else ""
-            handle.write(json.dumps({"id": item["id"], "prompt": prompt, "prediction": prediction,
-                                     "references": item["references"]}) + "\n")
+        for row in predictions:
+            handle.write(json.dumps(row) + "\n")
 
 
 def format_table(metrics: dict, title: str) -> str:
@@ -176,11 +116,67 @@ def format_table(metrics: dict, title: str) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ commands
+
+def open_target(target, overrides=None):
+    """(model, processor, recipe, run) for a run folder or Hub repo id (base + adapter; run is its Run) or a
+    recipe (the base model alone; run is None). Models load on this process's GPU when there is one."""
+    from finetune.models import inference_device, load_model
+    from finetune.run import HUB_ID, Run, is_run_folder
+
+    if isinstance(target, (str, Path)) and not is_run_folder(target) and not _is_recipe(target):
+        if Path(target).expanduser().is_dir():
+            raise ConfigError(f"{target} is a folder without adapter_config.json: not a finished run")
+        if not HUB_ID.match(str(target)):
+            find_recipe(target)  # raises the "recipe not found" message with suggestions
+    if isinstance(target, (str, Path)) and not _is_recipe(target):
+        run = Run.open(target, overrides=overrides)
+        model, processor = run.load()
+        return model, processor, run.recipe, run
+    recipe = load_recipe(target, overrides)
+    model, processor = load_model(recipe.model, device=inference_device())
+    return model.eval(), processor, recipe, None
+
+
+def evaluate(target, overrides: list[str] | dict | None = None, output_dir: str | Path | None = None,
+             quiet: bool = False) -> dict:
+    """Task metrics on `data.eval`; writes metrics.json and predictions.jsonl (and refreshes a local run's
+    model card); prints a table; returns the metrics."""
+    model, processor, recipe, run = open_target(target, overrides)
+    items = eval_items(recipe)
+    metrics, predictions = score(model, processor, items, TASKS[recipe.task], recipe.eval.max_new_tokens,
+                                 recipe.eval.batch_size, recipe.data.max_length, quiet=quiet)
+    metrics["dataset"] = recipe.data.eval
+    if output_dir:
+        out = Path(output_dir)
+    elif run is not None:
+        out = run.eval_dir
+    else:
+        out = Path(recipe.eval.output_dir or Path(recipe.output_dir) / "eval-base")
+    write_results(out, metrics, predictions)
+    if run is not None and not run.remote:
+        from finetune.card import write_model_card
+
+        write_model_card(run.folder, metrics=metrics)  # the card's evaluation table follows the newest eval
+    if not quiet:
+        print(format_table(metrics, title=f"{recipe.task} on {recipe.data.eval}"))
+    return metrics
+
+
 def predict(run, image: str | None, prompt: str, max_new_tokens: int | None = None) -> str:
-    """One answer from a run folder (or a recipe) for one image and prompt."""
-    model, processor, recipe = load_for_inference(run)
+    """One answer from a run folder, a Hub repo id or a recipe (the base model) for one image and prompt."""
+    model, processor, recipe, _ = open_target(run)
     content = ("<image>\n" if image else "") + prompt
     images = [str(Path(image).resolve())] if image else []
     return generate(model, processor, [([{"role": "user", "content": content}], images, Path.cwd())],
-                    max_new_tokens or TASKS[recipe.task].max_new_tokens, dtype=choose_dtype(recipe.model),
-                    quiet=True)[0]
+                    max_new_tokens or TASKS[recipe.task].max_new_tokens, quiet=True)[0]
+
+
+def _is_recipe(target) -> bool:
+    if isinstance(target, (dict, Recipe)):
+        return True
+    try:
+        find_recipe(target)
+    except ConfigError:
+        return False
+    return True

@@ -10,22 +10,15 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from finetune.config import ModelConfig
+from finetune.demo import resolve_model
 from finetune.errors import ConfigError, FinetuneError
 from finetune.parts import find_parts, linear_names
 
 log = logging.getLogger(__name__)
 
 
-def resolve_model_name(name: str) -> str:
-    """`tiny-llava` is the embedded default (built offline and cached); anything else goes to from_pretrained."""
-    from finetune import tiny
-
-    if name == tiny.TINY_LLAVA:
-        return str(tiny.tiny_llava_path())
-    return name
-
-
 def choose_dtype(cfg: ModelConfig) -> torch.dtype:
+    """The dtype to load in (afterwards, read `model.dtype`): `model.dtype`, else bf16/fp16 on a GPU, fp32 on CPU."""
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype)
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -36,14 +29,18 @@ def choose_dtype(cfg: ModelConfig) -> torch.dtype:
 
 
 def load_processor(cfg: ModelConfig):
-    name = resolve_model_name(cfg.name)
+    name = resolve_model(cfg.name)
     with _clear_load_errors(name):
         return AutoProcessor.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
 
 
-def load_model(cfg: ModelConfig):
-    """(model, processor) for a recipe's model section; the model is frozen, ready for adapters."""
-    name = resolve_model_name(cfg.name)
+def load_model(cfg: ModelConfig, device: str | torch.device | None = None):
+    """(model, processor) for a recipe's model section; the model is frozen, ready for adapters.
+
+    `device=None` leaves placement to the caller (the Trainer moves the model); 4-bit weights are always
+    placed on this process's GPU when there is one, since bitsandbytes quantizes them while loading.
+    """
+    name = resolve_model(cfg.name)
     processor = load_processor(cfg)
     dtype = choose_dtype(cfg)
     kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "dtype": dtype}
@@ -53,12 +50,17 @@ def load_model(cfg: ModelConfig):
         kwargs["quantization_config"] = nf4_config(name, cfg, dtype)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": _local_device()}
+    elif device is not None:
+        kwargs["device_map"] = {"": device}
     with _clear_load_errors(name):
         model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
-    if cfg.adapter:
-        model = _merge_earlier_adapter(model, cfg.adapter)
     model.requires_grad_(False)
     return model, processor
+
+
+def inference_device() -> str:
+    """Where eval, predict and chat run: this process's GPU when there is one."""
+    return f"cuda:{_local_device()}" if torch.cuda.is_available() else "cpu"
 
 
 def nf4_config(name: str, cfg: ModelConfig, compute_dtype: torch.dtype):
@@ -92,15 +94,6 @@ def modules_kept_unquantized(name: str, cfg: ModelConfig) -> list[str]:
         skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=cfg.trust_remote_code)
     parts = find_parts(skeleton)
     return [n for n in linear_names(skeleton) if parts.part_of(n) != "decoder"]
-
-
-def _merge_earlier_adapter(model, adapter_path: str):
-    """Staged training: fold an earlier run's adapter (e.g. a stage-1 projector) into the base."""
-    from peft import PeftModel
-
-    if not (Path(adapter_path) / "adapter_config.json").is_file():
-        raise ConfigError(f"model.adapter: no adapter_config.json in {adapter_path}")
-    return PeftModel.from_pretrained(model, adapter_path).merge_and_unload()
 
 
 def _local_device() -> int:

@@ -1,38 +1,55 @@
-"""What each task generates and how it is scored: a tiny table, one entry per task."""
+"""Everything the toolkit knows about a task, in one table: prompts, generation length, scoring, Hub metadata.
+
+Adding a task is one entry here plus its scoring function.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from finetune.metrics import caption_metrics, dialogue_metrics, vqa_accuracy_by_type
-
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    max_new_tokens: int
+    max_new_tokens: int  # generation budget in evaluation
     headline: str  # the metric printed in before/after lines and used for best-checkpoint selection
-    score: Callable[[list[str], list[list[str]], list], dict]
+    # (predictions, references, question types) -> (metrics, one score per prediction for the report)
+    score: Callable[[list[str], list[list[str]], list], tuple[dict, list[float]]]
+    eval_task_type: str  # model-index task type on the model card
+    example_prompt: str  # the model card's usage snippet asks this
+    pipeline_tag: str = "image-text-to-text"  # the Hub's pipeline tag for the model card
+    prompt: str | None = None  # the instruction for rows that carry none (caption rows)
 
 
-def _score_vqa(predictions, references, types) -> dict:
+def _score_vqa(predictions, references, types):
+    from finetune.metrics import vqa_accuracy, vqa_accuracy_by_type
+
     result = vqa_accuracy_by_type(predictions, references, types if any(types) else None)
     metrics = {"vqa_accuracy": result["overall"]}
     metrics.update({f"vqa_accuracy/{k}": v for k, v in result.get("per_question_type", {}).items()})
-    return metrics
+    return metrics, [vqa_accuracy(p, r) for p, r in zip(predictions, references)]
 
 
-def _score_caption(predictions, references, types) -> dict:
-    return caption_metrics(predictions, references)
+def _score_caption(predictions, references, types):
+    from finetune.metrics import caption_metrics_with_scores
+
+    return caption_metrics_with_scores(predictions, references)
 
 
-def _score_dialogue(predictions, references, types) -> dict:
-    return dialogue_metrics(predictions, references)
+def _score_dialogue(predictions, references, types):
+    from finetune.metrics import rouge_l_with_scores
+
+    mean, each = rouge_l_with_scores(predictions, references)
+    return {"ROUGE-L": mean}, each
 
 
 TASKS = {
-    "vqa": Task("vqa", max_new_tokens=16, headline="vqa_accuracy", score=_score_vqa),
-    "caption": Task("caption", max_new_tokens=48, headline="CIDEr", score=_score_caption),
-    "dialogue": Task("dialogue", max_new_tokens=96, headline="ROUGE-L", score=_score_dialogue),
+    "vqa": Task("vqa", max_new_tokens=16, headline="vqa_accuracy", score=_score_vqa,
+                eval_task_type="visual-question-answering", example_prompt="What is in the image?"),
+    "caption": Task("caption", max_new_tokens=48, headline="CIDEr", score=_score_caption,
+                    eval_task_type="image-to-text", example_prompt="Describe the image.",
+                    prompt="Describe the image briefly."),
+    "dialogue": Task("dialogue", max_new_tokens=96, headline="ROUGE-L", score=_score_dialogue,
+                     eval_task_type="image-text-to-text", example_prompt="Tell me about this image."),
 }

@@ -1,4 +1,4 @@
-"""run(recipe): model + adapters + data -> transformers.Trainer -> a run folder with the adapter.
+"""train(recipe): model + adapters + data -> transformers.Trainer -> a run folder with the adapter.
 
 setup (recipe, model, adapters, data) -> train -> save. Trainer runs on Accelerate, so the same code
 runs on a CPU, one GPU, or many through `torchrun` / `accelerate launch` (DDP, FSDP, DeepSpeed).
@@ -6,21 +6,27 @@ runs on a CPU, one GPU, or many through `torchrun` / `accelerate launch` (DDP, F
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import platform
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from finetune.adapters import attach_adapters
+from finetune.adapters import attach_adapters, count_parameters
 from finetune.config import Recipe, load_recipe, parse_overrides, save_recipe
 from finetune.data.collate import ChatEncoder, Collator
 from finetune.data.dataset import build_dataset
 from finetune.errors import ConfigError, FinetuneError
-from finetune.hub import write_model_card
+from finetune.evaluation import EvalItem, eval_items, score, write_results
 from finetune.models import choose_dtype, load_model
+from finetune.run import fold_earlier_runs
 from finetune.tasks import TASKS
 
 log = logging.getLogger("finetune")
@@ -37,13 +43,19 @@ TRAIN_DEFAULTS = {
     "save_total_limit": 2,
     "report_to": "none",
     "dataloader_num_workers": 0,
+    # Keep a non-finite loss in the logs (the filter hides it, and checks it on the host every step):
+    # StopOnNonFiniteLoss reads the logged value instead.
+    "logging_nan_inf_filter": False,
 }
 
 
-def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None, **kw_overrides) -> Path:
+def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None = None,
+          callbacks: list[TrainerCallback] | None = None, **kw_overrides) -> Path:
     """Run a recipe; returns the run folder. Overrides: `["data.train=x.jsonl"]` or `**{"data.train": ...}`
-    (keyword names may use `__` for dots: `train(r, data__train="x.jsonl")`)."""
+    (keyword names may use `__` for dots: `train(r, data__train="x.jsonl")`). `callbacks` are added to the
+    transformers Trainer."""
     setup_logging()
+    started = time.time()
     merged = dict(_as_dict(overrides))
     merged.update({key.replace("__", "."): value for key, value in kw_overrides.items()})
     recipe = load_recipe(recipe, merged)
@@ -53,11 +65,12 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
 
     set_seed(args.seed)  # LoRA's initial weights too, so two runs of one recipe are the same run
     model, processor = load_model(recipe.model)
+    model = fold_earlier_runs(model, recipe)  # staged training: earlier stages merged into the base
     model = attach_adapters(
         model, recipe.adapter, quantized=recipe.model.quantization == "4bit",
         gradient_checkpointing=bool(args.activation_checkpointing),
     )
-    encoder = ChatEncoder(processor, recipe.data.max_length, dtype=choose_dtype(recipe.model))
+    encoder = ChatEncoder(processor, recipe.data.max_length, dtype=model.dtype)
     show = args.process_index == 0
     train_set, _ = build_dataset(recipe.data.train, recipe.data, encoder, recipe.data.split, progress=show)
     eval_set = None
@@ -65,15 +78,17 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
         eval_split = recipe.data.eval_split or "validation"
         eval_set, _ = build_dataset(recipe.data.eval, recipe.data, encoder, eval_split, progress=show)
     log.info("training on %d examples%s", len(train_set), f", evaluating on {len(eval_set)}" if eval_set else "")
+    compare = recipe.eval.before_after and recipe.data.eval and args.world_size == 1
+    during = args.eval_strategy != "no"
+    items = eval_items(recipe) if compare or during else None  # read once, scored as often as asked
 
-    trainer = LengthAwareTrainer(
+    trainer = FinetuneTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=Collator(encoder.tokenizer.pad_token_id), processing_class=processor,
+        callbacks=[StopOnNonFiniteLoss(), *(callbacks or [])], recipe=recipe, eval_items=items,
     )
-    trainer.recipe = recipe
     out = Path(args.output_dir)
-    compare = recipe.eval.before_after and recipe.data.eval and args.world_size == 1
-    before = _score(recipe, model, processor, out / "eval-before") if compare else None
+    before = _score(recipe, model, processor, items, out / "eval-before") if compare else None
 
     trainer.train(resume_from_checkpoint=resume_checkpoint(args))
 
@@ -82,23 +97,46 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
         processor.save_pretrained(str(out))
         save_recipe(recipe, out / "recipe.yaml")
         trainer.save_state()
+        write_run_info(out, trainer.model, started)
         if compare:
-            after = _score(recipe, trainer.model, processor, out / "eval")
+            after = _score(recipe, trainer.model, processor, items, out / "eval")
             headline = TASKS[recipe.task].headline
             print(f"held-out {headline}: before {before[headline]:.4f} -> after {after[headline]:.4f} "
                   f"({after['examples']} examples of {recipe.data.eval})")
+        from finetune.card import write_model_card
+
         write_model_card(out)  # after the eval above, so the card carries its metrics
         log.info("run folder: %s", out)
     return out
 
 
-def _score(recipe: Recipe, model, processor, out: Path) -> dict:
-    from finetune.evaluation import evaluate
-
+def _score(recipe: Recipe, model, processor, items: list[EvalItem], out: Path, write: bool = True) -> dict:
     model.eval()
-    metrics = evaluate(recipe, model=model, processor=processor, output_dir=out, quiet=True)
+    metrics, predictions = score(model, processor, items, TASKS[recipe.task], recipe.eval.max_new_tokens,
+                                 recipe.eval.batch_size, recipe.data.max_length)
+    metrics["dataset"] = recipe.data.eval
     model.train()
+    if write:
+        write_results(out, metrics, predictions)
     return metrics
+
+
+def write_run_info(out: Path, model, started: float) -> None:
+    """What the run cost and ran on: read by the report and the model card."""
+    import transformers
+
+    from finetune import __version__
+
+    trainable, total = count_parameters(model)
+    if torch.cuda.is_available():
+        hardware = f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
+    else:
+        hardware = f"CPU ({os.cpu_count()} cores, {platform.machine()})"
+    info = {"trainable_parameters": trainable, "total_parameters": total, "seconds": round(time.time() - started, 1),
+            "hardware": hardware, "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
+            "finetune_version": __version__, "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__}
+    (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def training_arguments(recipe: Recipe) -> TrainingArguments:
@@ -152,39 +190,28 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
     return newest
 
 
-class LengthAwareTrainer(Trainer):
-    """Trainer whose length-grouped sampler uses the lengths measured while checking the data, instead of
-    encoding (and decoding every image of) the whole dataset again; and which stops on a non-finite loss."""
+class FinetuneTrainer(Trainer):
+    """Trainer whose evaluation adds the task metric, and whose length-grouped sampler uses the lengths
+    measured while checking the data (instead of encoding, and decoding every image of, the dataset again)."""
 
-    recipe: Recipe | None = None
+    def __init__(self, *args, recipe: Recipe, eval_items: list[EvalItem] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recipe = recipe
+        self.eval_items = eval_items
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Eval loss, plus the task metric by generation (so `metric_for_best_model: vqa_accuracy` works).
 
         Every rank computes it: Trainer picks the best checkpoint on all ranks."""
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.recipe is not None and eval_dataset is None and self.recipe.data.eval:
-            from finetune.evaluation import evaluate
-
+        if self.eval_items and eval_dataset is None:
             out = Path(self.args.output_dir) / f"eval-step-{self.state.global_step}"
-            self.model.eval()
-            task = evaluate(self.recipe, model=self.model, processor=self.processing_class, output_dir=out,
-                            quiet=True, write=self.is_world_process_zero())
-            self.model.train()
+            task = _score(self.recipe, self.model, self.processing_class, self.eval_items, out,
+                          write=self.is_world_process_zero())
             extra = {f"{metric_key_prefix}_{k}": v for k, v in task.items() if isinstance(v, float)}
             metrics.update(extra)
             self.log(extra)
         return metrics
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            last = self.state.best_model_checkpoint or _newest_checkpoint(self.args.output_dir)
-            raise FinetuneError(
-                f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}: lower train.learning_rate, "
-                f"check the data, or use fp32/bf16; last good checkpoint: {last or 'none yet'}"
-            )
-        return loss
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -192,6 +219,30 @@ class LengthAwareTrainer(Trainer):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(batch, lengths=dataset.lengths)
         return super()._get_train_sampler(train_dataset)
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stops the run when the logged loss is NaN or infinite, naming the step and the last good checkpoint.
+
+    It reads the loss Trainer already brought to the host for logging (averaged over ranks, so every rank
+    stops together), instead of synchronising with the GPU at every step."""
+
+    def __init__(self):
+        self.last_logged_step = 0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            steps = (f"at step {state.global_step}" if state.global_step - self.last_logged_step <= 1 else
+                     f"at step {state.global_step} (first in steps {self.last_logged_step + 1}-{state.global_step}; "
+                     "train.logging_steps=1 pins it down)")
+            last = state.best_model_checkpoint or _newest_checkpoint(args.output_dir)
+            raise FinetuneError(
+                f"non-finite loss ({loss}) {steps}: lower train.learning_rate, check the data, or use fp32/bf16; "
+                f"last good checkpoint: {last or 'none yet'}"
+            )
+        if loss is not None:
+            self.last_logged_step = state.global_step
 
 
 def _newest_checkpoint(output_dir) -> str | None:

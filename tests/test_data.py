@@ -43,11 +43,13 @@ def test_jsonl_json_csv_parquet_and_saved_dataset_read_the_same(folder):
     datasets.Dataset.from_list(rows).to_parquet(str(folder / "d.parquet"))
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(folder / "saved"))
     cfg = DataConfig(image_root=str(folder))
-    for spec in ("d.jsonl", "d.json", "d.csv", "d.parquet", "saved"):
-        _, examples, report = load_examples(str(folder / spec), cfg, "train")
+    first_row = {"d.jsonl": 1, "d.json": 0, "d.csv": 2, "d.parquet": 0, "saved": 0}  # as each file numbers rows
+    for spec, row in first_row.items():
+        examples, report = load_examples(str(folder / spec), cfg, "train")
         assert not report.problems, spec
-        assert examples[0]["messages"] == CANONICAL, spec
-        assert examples[0]["images"] == ["img/a.png"], spec
+        assert list(examples[0].messages) == CANONICAL, spec
+        assert examples[0].images == ("img/a.png",), spec
+        assert examples[0].root == folder and examples[0].location == f"{folder / spec}:{row}", spec
 
 
 def test_image_folder_with_metadata(folder):
@@ -61,12 +63,12 @@ def test_llava_format_placeholder_anywhere_and_text_only_rows():
     late = {"image": "a.png", "conversations": [{"from": "human", "value": "What is this?\n<image>"},
                                                   {"from": "gpt", "value": "A cat."}]}
     assert detect_format(late) == "llava"
-    assert row_to_examples(late)[0]["messages"][0]["content"] == "What is this?\n<image>"
+    assert row_to_examples(late)[0].messages[0]["content"] == "What is this?\n<image>"
     missing = {"image": "a.png", "conversations": [{"from": "human", "value": "What is this?"},
                                                      {"from": "gpt", "value": "A cat."}]}
-    assert row_to_examples(missing)[0]["messages"][0]["content"] == "<image>\nWhat is this?"
+    assert row_to_examples(missing)[0].messages[0]["content"] == "<image>\nWhat is this?"
     text_only = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
-    assert row_to_examples(text_only)[0]["images"] == []
+    assert row_to_examples(text_only)[0].images == ()
 
 
 def test_messages_format_string_and_parts():
@@ -78,19 +80,19 @@ def test_messages_format_string_and_parts():
     for row in (as_string, as_parts):
         assert detect_format(row) == "messages"
         example = row_to_examples(row)[0]
-        assert example["messages"] == CANONICAL and example["images"] == ["a.png"]
+        assert list(example.messages) == CANONICAL and example.images == ("a.png",)
 
 
 def test_vqa_answers_list_trains_on_the_most_common_and_keeps_all():
     example = row_to_examples({"image": "a.png", "question": "Q?", "answers": ["2", "two", "2"]})[0]
-    assert example["messages"][1]["content"] == "2" and example["meta"]["references"] == ["2", "two", "2"]
+    assert example.messages[1]["content"] == "2" and example.references == ("2", "two", "2")
 
 
 def test_caption_rows_give_one_example_per_caption_and_column_map():
     examples = row_to_examples({"img": "a.png", "text": ["A cat.", "A pet."]}, columns={"image": "img",
                                                                                          "captions": "text"})
-    assert [e["messages"][1]["content"] for e in examples] == ["A cat.", "A pet."]
-    assert all(e["images"] == ["a.png"] for e in examples)
+    assert [e.messages[1]["content"] for e in examples] == ["A cat.", "A pet."]
+    assert all(e.images == ("a.png",) for e in examples)
 
 
 @pytest.mark.parametrize("row, reason", [

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from finetune import train
-from finetune.evaluation import _cut, evaluate, generate, load_for_inference
+from finetune.evaluation import evaluate
+from finetune.generation import cut_at_end_of_turn, generate
+from finetune.metrics import vqa_accuracy
+from finetune.run import load_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = {"data.eval": "synthetic:vqa/eval?n=8", "eval.max_examples": 16}
@@ -29,7 +32,11 @@ def test_eval_of_a_run_writes_metrics_and_predictions(small_run, capsys):
     saved = json.loads((small_run / "eval" / "metrics.json").read_text())
     assert saved == metrics
     rows = [json.loads(line) for line in (small_run / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 16 and set(rows[0]) == {"id", "prompt", "prediction", "references"}
+    assert len(rows) == 16
+    assert set(rows[0]) == {"id", "prompt", "prediction", "references", "score", "images", "messages"}
+    assert [r["score"] for r in rows] == [vqa_accuracy(r["prediction"], r["references"]) for r in rows]
+    assert metrics["vqa_accuracy"] == pytest.approx(sum(r["score"] for r in rows) / 16)
+    assert all(Path(image).is_file() for r in rows for image in r["images"]) and rows[0]["images"]
     assert "vqa_accuracy" in capsys.readouterr().out  # the printed table
 
 
@@ -42,10 +49,10 @@ def test_batched_left_padded_generation_matches_one_by_one(small_run):
     from finetune.config import load_recipe
     from finetune.evaluation import eval_items
 
-    model, processor, _ = load_for_inference(small_run)
+    model, processor = load_adapter(small_run)
     recipe = load_recipe(small_run / "recipe.yaml", {"data.eval": "synthetic:dialogue/eval?n=4"})
     items = eval_items(recipe)  # prompts of different lengths, so the batch really is padded
-    prompts = [(i["messages"], i["images"], i["root"]) for i in items]
+    prompts = [(i.prompt, list(i.example.images), i.example.root) for i in items]
     assert len({len(str(p[0])) for p in prompts}) > 1
     batched = generate(model, processor, prompts, max_new_tokens=12, batch_size=4, quiet=True)
     single = [generate(model, processor, [p], max_new_tokens=12, batch_size=1, quiet=True)[0] for p in prompts]
@@ -53,8 +60,8 @@ def test_batched_left_padded_generation_matches_one_by_one(small_run):
 
 
 def test_answers_are_cut_at_the_end_of_turn(processor):
-    assert _cut("red<|im_end|>\n<|im_start|>user\nmore", processor.tokenizer) == "red"
-    assert _cut("  two circles ", processor.tokenizer) == "two circles"
+    assert cut_at_end_of_turn("red<|im_end|>\n<|im_start|>user\nmore", processor.tokenizer) == "red"
+    assert cut_at_end_of_turn("  two circles ", processor.tokenizer) == "two circles"
 
 
 def test_dialogue_eval_reports_rouge_and_perplexity(small_run, tmp_path):

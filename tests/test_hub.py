@@ -18,8 +18,10 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from finetune import train
+from finetune.card import write_model_card
 from finetune.errors import FinetuneError
-from finetune.hub import load_adapter, merge, push, write_model_card
+from finetune.hub import push
+from finetune.run import load_adapter, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = {"data.train": "synthetic:vqa/train?n=4", "data.eval": None, "train.per_device_train_batch_size": 4,
@@ -45,7 +47,7 @@ def qlora_run(tmp_path_factory):
 
 
 def model_inputs(processor):
-    from finetune.data.synthetic import make_scenes, render
+    from finetune.demo.synthetic import make_scenes, render
 
     messages = [{"role": "user", "content": [{"type": "image", "image": render(make_scenes(1, seed=3)[0])},
                                              {"type": "text", "text": "What colour is the shape?"}]}]
@@ -74,7 +76,9 @@ def test_card_front_matter_follows_hub_conventions(run):
     results = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert results == {"vqa_accuracy": 0.625, "vqa_accuracy/color": 0.75}  # model-index from eval/metrics.json
     assert "model-index" in (run / "README.md").read_text()
-    assert "16 Linear layers" in card.text and "r=16, alpha=32" in card.text and "| `max_steps` | 3 |" in card.text
+    targets = json.loads((run / "adapter_config.json").read_text())["target_modules"]
+    assert f"{len(targets)} Linear layers" in card.text and len(targets) > 2  # projector + decoder layers
+    assert "r=16, alpha=32" in card.text and "| `max_steps` | 3 |" in card.text
 
 
 def test_card_for_qlora_hub_data_and_licensed_local_base(run, tmp_path):

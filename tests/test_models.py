@@ -25,8 +25,13 @@ def one_batch(processor, image):
     return Collator(processor.tokenizer.pad_token_id)([encoder.encode(example, images=[image])])
 
 
-def test_parts_are_found_by_inspection(tiny_path):
-    model = AutoModelForImageTextToText.from_pretrained(tiny_path)
+def decoder_linear_count(config) -> int:
+    """Linear layers in a Llama decoder: 4 attention projections + 3 MLP projections per layer."""
+    return config.text_config.num_hidden_layers * (4 + 3)
+
+
+def test_parts_are_found_by_inspection(random_tiny):
+    model = AutoModelForImageTextToText.from_pretrained(random_tiny)
     parts = find_parts(model)
     assert parts.decoder == "model.language_model"
     assert parts.projectors == ["model.multi_modal_projector"] and parts.lm_head == "lm_head"
@@ -52,12 +57,12 @@ def test_dtype_is_fp32_on_cpu_and_overridable():
     assert choose_dtype(ModelConfig(dtype="bfloat16")) == torch.bfloat16
 
 
-def test_4bit_quantizes_only_the_language_decoder():
-    model, _ = load_model(ModelConfig(quantization="4bit"))
+def test_4bit_quantizes_only_the_language_decoder(random_tiny):
+    model, _ = load_model(ModelConfig(name=str(random_tiny), quantization="4bit"))
     quantized = four_bit_modules(model)
     decoder_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
                        and n.startswith("model.language_model.")]
-    assert quantized == decoder_linears and len(quantized) == 14  # 2 layers x (4 attention + 3 MLP)
+    assert quantized == decoder_linears and len(quantized) == decoder_linear_count(model.config)
     for name, module in model.named_modules():
         if name.startswith(("model.vision_tower", "model.multi_modal_projector", "lm_head")) and isinstance(
                 module, torch.nn.Linear):
@@ -66,16 +71,16 @@ def test_4bit_quantizes_only_the_language_decoder():
     assert weight.quant_state.quant_type == "nf4" and weight.quant_state.state2 is not None  # double quant
 
 
-def test_short_skip_names_would_quantize_the_vision_tower(tiny_path):
+def test_short_skip_names_would_quantize_the_vision_tower(random_tiny):
     """The transformers 5 pitfall our full dotted names avoid."""
     from transformers import BitsAndBytesConfig
 
     naive = BitsAndBytesConfig(load_in_4bit=True, llm_int8_skip_modules=["vision_tower", "multi_modal_projector"])
-    model = AutoModelForImageTextToText.from_pretrained(tiny_path, quantization_config=naive)
+    model = AutoModelForImageTextToText.from_pretrained(random_tiny, quantization_config=naive)
     assert any(".vision_tower." in name for name in four_bit_modules(model))
 
 
-def test_gradient_checkpointing_sends_gradients_to_4bit_lora(processor, shapes_image, monkeypatch):
+def test_gradient_checkpointing_sends_gradients_to_4bit_lora(random_tiny, processor, shapes_image, monkeypatch):
     calls = []
     from transformers import modeling_utils
 
@@ -86,7 +91,7 @@ def test_gradient_checkpointing_sends_gradients_to_4bit_lora(processor, shapes_i
         return real(*args, **kwargs)
 
     monkeypatch.setattr(modeling_utils, "checkpoint", counting_checkpoint)
-    model, _ = load_model(ModelConfig(quantization="4bit"))
+    model, _ = load_model(ModelConfig(name=str(random_tiny), quantization="4bit"))
     model = attach_adapters(model, AdapterConfig(), quantized=True, gradient_checkpointing=True)
     model.activation_checkpointing_enable({"use_reentrant": True})
     model.train()
@@ -97,19 +102,20 @@ def test_gradient_checkpointing_sends_gradients_to_4bit_lora(processor, shapes_i
     assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
 
 
-def test_default_lora_targets_projector_and_decoder(tiny_path):
-    model = AutoModelForImageTextToText.from_pretrained(tiny_path)
+def test_default_lora_targets_projector_and_decoder(random_tiny):
+    model = AutoModelForImageTextToText.from_pretrained(random_tiny)
     targets = lora_targets(model, AdapterConfig())
     assert {t.split(".")[1] for t in targets} == {"multi_modal_projector", "language_model"}
-    assert len(targets) == 2 + 14 and "lm_head" not in targets
+    projector = [n for n, m in model.model.multi_modal_projector.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(targets) == len(projector) + decoder_linear_count(model.config) and "lm_head" not in targets
     with_vision = lora_targets(model, AdapterConfig(vision_tower=True))
     assert any(".vision_tower." in t for t in with_vision)
     assert lora_targets(model, AdapterConfig(targets=[r"q_proj$"])) == [
         t for t in with_vision if t.endswith("q_proj")]
 
 
-def test_training_only_the_projector_fully(tiny_path, processor, shapes_image):
-    model = AutoModelForImageTextToText.from_pretrained(tiny_path)
+def test_training_only_the_projector_fully(random_tiny):
+    model = AutoModelForImageTextToText.from_pretrained(random_tiny)
     cfg = AdapterConfig(lora=False, train_fully=["projector"])
     assert fully_trained_modules(model, cfg) == ["model.multi_modal_projector"]
     model.requires_grad_(False)

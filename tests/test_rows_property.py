@@ -26,6 +26,6 @@ def test_malformed_rows_read_or_raise_data_error(row, fmt):
     except DataError:
         return
     for example in examples:
-        assert isinstance(example["images"], list)
-        assert any(m["role"] == "assistant" for m in example["messages"])
-        assert all(isinstance(m["content"], str) for m in example["messages"])
+        assert isinstance(example.images, tuple)
+        assert any(m["role"] == "assistant" for m in example.messages)
+        assert all(isinstance(m["content"], str) for m in example.messages)

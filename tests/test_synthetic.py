@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.data import synthetic
-from finetune.data.synthetic import (
+from finetune.demo import synthetic
+from finetune.demo.synthetic import (
     COUNT_WORDS,
     KINDS,
     SPLITS,
@@ -168,7 +168,7 @@ def test_synthetic_path_generates_once_into_the_cache(cache):
 
 def test_concurrent_processes_share_one_generation(cache):
     """Two torchrun-like ranks asking at once both get the complete file."""
-    code = "from finetune.data.synthetic import synthetic_path; print(synthetic_path('synthetic:caption/train?n=40'))"
+    code = "from finetune.demo.synthetic import synthetic_path; print(synthetic_path('synthetic:caption/train?n=40'))"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [proc.communicate(timeout=120)[0].strip() for proc in procs]
     assert all(proc.returncode == 0 for proc in procs)

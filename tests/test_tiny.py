@@ -14,8 +14,7 @@ from transformers import (
     LlavaProcessor,
 )
 
-from finetune import tiny
-from finetune.data import synthetic
+from finetune.demo import synthetic, tiny
 
 
 @pytest.fixture(scope="module")

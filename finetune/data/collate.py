@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.data.formats import IMAGE
+from finetune.data.formats import IMAGE, Example
 from finetune.data.images import open_image
 from finetune.errors import DataError
 
@@ -27,11 +27,11 @@ class TooLong(DataError):
 
 
 class ChatEncoder:
-    def __init__(self, processor, max_length: int, image_root: Path = Path("."), dtype: torch.dtype | None = None):
+    def __init__(self, processor, max_length: int, dtype: torch.dtype | None = None):
+        """`dtype`: what floating inputs (pixel values) become; the model's own dtype, or None to keep fp32."""
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
-        self.image_root = Path(image_root)
         self.dtype = dtype
         self.image_token = getattr(processor, "image_token", IMAGE)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
@@ -61,16 +61,16 @@ class ChatEncoder:
         return full, spans
 
     # --- one example -> model inputs -------------------------------------------------------------------
-    def encode(self, example: dict, images: list | None = None) -> dict:
-        text, spans = self.reply_spans(example["messages"])
+    def encode(self, example: Example, images: list | None = None) -> dict:
+        """Model inputs + labels for one example; its images are opened here unless given already opened."""
+        text, spans = self.reply_spans(example.messages)
         plain = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         plain_labels = [
             token if _in_reply(start, end, spans, text) else IGNORE
             for token, (start, end) in zip(plain["input_ids"], plain["offset_mapping"])
         ]
         if images is None:
-            root = example.get("root", self.image_root)
-            images = [open_image(value, root) for value in example["images"]]
+            images = [open_image(value, example.root or Path.cwd()) for value in example.images]
         inputs = self.processor(
             text=[text], images=images or None, add_special_tokens=False, return_tensors="pt"
         ) if images else self.tokenizer([text], add_special_tokens=False, return_tensors="pt")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from finetune.config import DataConfig
 from finetune.data.collate import ChatEncoder, TooLong
-from finetune.data.formats import row_to_examples
+from finetune.data.formats import Example, row_to_examples
 from finetune.data.sources import BadRow, Rows, read_rows
 from finetune.errors import DataError
 
@@ -48,7 +48,7 @@ class Report:
 class SupervisedDataset(torch.utils.data.Dataset):
     """Encodes one example per item, opening its images then (never all images in memory at once)."""
 
-    def __init__(self, examples: list[dict], encoder: ChatEncoder, lengths: list[int]):
+    def __init__(self, examples: list[Example], encoder: ChatEncoder, lengths: list[int]):
         self.examples = examples
         self.encoder = encoder
         self.lengths = lengths
@@ -60,9 +60,10 @@ class SupervisedDataset(torch.utils.data.Dataset):
         return self.encoder.encode(self.examples[index])
 
 
-def load_examples(spec: str, cfg: DataConfig, split: str) -> tuple[Rows, list[dict], Report]:
-    """Every row converted to Examples (each tagged with its `location`), plus the rows that failed."""
+def load_examples(spec: str, cfg: DataConfig, split: str) -> tuple[list[Example], Report]:
+    """Every row converted to Examples (each placed: its `file:row` and image root), plus the rows that failed."""
     rows = read_rows(spec, split)
+    root = image_root(cfg, rows)
     report = Report(source=rows.name, rows=len(rows))
     examples = []
     for index in range(len(rows)):
@@ -72,31 +73,29 @@ def load_examples(spec: str, cfg: DataConfig, split: str) -> tuple[Rows, list[di
             report.problems.append((location, row.reason))
             continue
         try:
-            for example in row_to_examples(row, cfg.format, cfg.columns, cfg.prompt, cfg.system_prompt):
-                example["location"] = location
-                examples.append(example)
+            converted = row_to_examples(row, cfg.format, cfg.columns, cfg.prompt, cfg.system_prompt)
         except (DataError, KeyError, TypeError, ValueError) as err:
             report.problems.append((location, _one_line(err)))
-    return rows, examples, report
+            continue
+        examples += [example.placed(location, root) for example in converted]
+    return examples, report
 
 
 def check_examples(spec: str, cfg: DataConfig, encoder: ChatEncoder, split: str = "train",
-                   progress: bool = True) -> tuple[list[dict], list[int], Report]:
+                   progress: bool = True) -> tuple[list[Example], list[int], Report]:
     """Convert and encode every row once: the usable examples, their token lengths, and the report."""
-    rows, examples, report = load_examples(spec, cfg, split)
-    root = image_root(cfg, rows)
+    examples, report = load_examples(spec, cfg, split)
     kept, lengths = [], []
-    for example in tqdm(examples, desc=f"checking {rows.name}", disable=not progress, unit="ex", leave=False):
-        example["root"] = root
+    for example in tqdm(examples, desc=f"checking {report.source}", disable=not progress, unit="ex", leave=False):
         try:
             lengths.append(len(encoder.encode(example)["input_ids"]))
             kept.append(example)
         except TooLong as err:
             if cfg.on_too_long == "fail":
-                raise DataError(f"{example['location']}: {err} (data.on_too_long=fail)") from None
-            report.too_long.append(example["location"])
+                raise DataError(f"{example.location}: {err} (data.on_too_long=fail)") from None
+            report.too_long.append(example.location)
         except DataError as err:
-            report.problems.append((example["location"], _one_line(err)))
+            report.problems.append((example.location, _one_line(err)))
     report.examples = len(kept)
     return kept, lengths, report
 

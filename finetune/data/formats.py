@@ -1,20 +1,37 @@
-"""Turn a row of any supported format into canonical Examples: images + chat messages.
-
-An Example is `{"images": [...], "messages": [{"role", "content"}], "meta": {...}}` where content is
-a string with one `<image>` placeholder per image, in order; `meta` carries the id, the references
-(VQA answers, captions) and the question type for evaluation.
-"""
+"""Turn a row of any supported format into canonical Examples: images + chat messages."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from finetune.errors import DataError
+from finetune.tasks import TASKS
 
 IMAGE = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-TASK_PROMPTS = {"caption": "Describe the image briefly."}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One conversation as every later stage sees it; built once per row and never changed afterwards.
+
+    Each message is `{"role", "content"}` with content a string holding one `<image>` placeholder per
+    entry of `images`, in order. Image values stay unopened (paths, undecoded HF image dicts, bytes).
+    """
+
+    messages: tuple[dict, ...]
+    images: tuple = ()
+    references: tuple[str, ...] = ()  # what evaluation compares with (all VQA answers, all captions)
+    id: str | None = None
+    question_type: str | None = None
+    location: str = ""  # file:row, for messages that name the row
+    root: Path | None = None  # where relative image paths point
+
+    def placed(self, location: str, root: Path) -> Example:
+        return replace(self, location=location, root=root)
 
 
 def detect_format(row: dict) -> str:
@@ -34,7 +51,7 @@ def detect_format(row: dict) -> str:
 
 
 def row_to_examples(row: dict, fmt: str = "auto", columns: dict | None = None, prompt: str | None = None,
-                    system_prompt: str | None = None) -> list[dict]:
+                    system_prompt: str | None = None) -> list[Example]:
     """Canonical Examples of one row (a caption row with several captions gives one per caption).
 
     Raises DataError, and only DataError, for any row it cannot use.
@@ -48,7 +65,7 @@ def row_to_examples(row: dict, fmt: str = "auto", columns: dict | None = None, p
         raise DataError(f"malformed row ({type(err).__name__}{': ' + detail if detail else ''})") from None
 
 
-def _row_to_examples(row, fmt, columns, prompt, system_prompt) -> list[dict]:
+def _row_to_examples(row, fmt, columns, prompt, system_prompt) -> list[Example]:
     if not isinstance(row, dict):
         raise DataError("a row must be a mapping of columns")
     if columns:
@@ -56,27 +73,30 @@ def _row_to_examples(row, fmt, columns, prompt, system_prompt) -> list[dict]:
             k: v for k, v in row.items() if k not in columns.values()
         }
     fmt = detect_format(row) if fmt == "auto" else fmt
-    examples = {"llava": _from_llava, "messages": _from_messages, "vqa": _from_vqa, "caption": _from_caption}[
-        fmt
-    ](row, prompt)
-    for example in examples:
-        example["meta"].setdefault("id", row.get("id"))
-        if system_prompt and example["messages"][0]["role"] != "system":
-            example["messages"].insert(0, {"role": "system", "content": system_prompt})
+    convert = {"llava": _from_llava, "messages": _from_messages, "vqa": _from_vqa, "caption": _from_caption}[fmt]
+    examples = []
+    for messages, images, extra in convert(row, prompt):
+        if system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        example = Example(messages=tuple(messages), images=tuple(images), id=_text_or_none(row.get("id")), **extra)
         check_example(example)
+        examples.append(example)
     return examples
 
 
-def check_example(example: dict) -> None:
-    messages = example["messages"]
-    replies = [m for m in messages if m["role"] == "assistant"]
+def _text_or_none(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def check_example(example: Example) -> None:
+    replies = [m for m in example.messages if m["role"] == "assistant"]
     if not replies:
         raise DataError("no assistant reply in the row")
     if any(not str(m["content"]).strip() for m in replies):
         raise DataError("an assistant reply is empty")
-    placeholders = sum(str(m["content"]).count(IMAGE) for m in messages)
-    if placeholders != len(example["images"]):
-        raise DataError(f"{placeholders} {IMAGE} placeholder(s) but {len(example['images'])} image(s)")
+    placeholders = sum(str(m["content"]).count(IMAGE) for m in example.messages)
+    if placeholders != len(example.images):
+        raise DataError(f"{placeholders} {IMAGE} placeholder(s) but {len(example.images)} image(s)")
 
 
 def _images(value) -> list:
@@ -85,7 +105,7 @@ def _images(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _from_llava(row: dict, prompt: str | None) -> list[dict]:
+def _from_llava(row: dict, prompt: str | None) -> list[tuple]:
     turns = row.get("conversations")
     if isinstance(turns, str):
         turns = json.loads(turns)
@@ -101,10 +121,10 @@ def _from_llava(row: dict, prompt: str | None) -> list[dict]:
         messages.append({"role": role, "content": str(turn["value"])})
     images = _images(row.get("image", row.get("images")))
     _add_missing_placeholders(messages, images)
-    return [{"images": images, "messages": messages, "meta": {}}]
+    return [(messages, images, {})]
 
 
-def _from_messages(row: dict, prompt: str | None) -> list[dict]:
+def _from_messages(row: dict, prompt: str | None) -> list[tuple]:
     raw = row.get("messages")
     if isinstance(raw, str):
         raw = json.loads(raw)
@@ -128,7 +148,7 @@ def _from_messages(row: dict, prompt: str | None) -> list[dict]:
         raise DataError("images given both inside the message parts and in `images`; use one of the two")
     images = inline or images
     _add_missing_placeholders(messages, images)
-    return [{"images": images, "messages": messages, "meta": {}}]
+    return [(messages, images, {})]
 
 
 def _parts_to_text(parts: list) -> tuple[str, list]:
@@ -167,7 +187,7 @@ def _listify(value) -> list[str]:
     return [] if value is None else [str(value)]
 
 
-def _from_vqa(row: dict, prompt: str | None) -> list[dict]:
+def _from_vqa(row: dict, prompt: str | None) -> list[tuple]:
     answers = _listify(row.get("answers", row.get("answer")))
     if not answers or not any(a.strip() for a in answers):
         raise DataError("no answer in the row")
@@ -178,19 +198,15 @@ def _from_vqa(row: dict, prompt: str | None) -> list[dict]:
     if not question:
         raise DataError("empty question")
     user = IMAGE * len(images) + ("\n" if images else "") + (prompt.format(question=question) if prompt else question)
-    meta = {"references": answers, "question_type": row.get("question_type")}
-    return [{"images": images, "messages": [{"role": "user", "content": user},
-                                             {"role": "assistant", "content": target}], "meta": meta}]
+    extra = {"references": tuple(answers), "question_type": row.get("question_type")}
+    return [([{"role": "user", "content": user}, {"role": "assistant", "content": target}], images, extra)]
 
 
-def _from_caption(row: dict, prompt: str | None) -> list[dict]:
+def _from_caption(row: dict, prompt: str | None) -> list[tuple]:
     captions = [c for c in _listify(row.get("captions", row.get("caption"))) if c.strip()]
     if not captions:
         raise DataError("no caption in the row")
     images = _images(row.get("image"))
-    user = IMAGE * len(images) + ("\n" if images else "") + (prompt or TASK_PROMPTS["caption"])
-    return [
-        {"images": images, "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": c}],
-         "meta": {"references": captions}}
-        for c in captions
-    ]
+    user = IMAGE * len(images) + ("\n" if images else "") + (prompt or TASKS["caption"].prompt)
+    return [([{"role": "user", "content": user}, {"role": "assistant", "content": c}], images,
+             {"references": tuple(captions)}) for c in captions]

@@ -5,14 +5,14 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from finetune.errors import DataError
 
 
 def open_image(value, root: Path) -> Image.Image:
     if isinstance(value, Image.Image):
-        return _rgb(value)
+        return _rgb(ImageOps.exif_transpose(value))
     if isinstance(value, dict):  # a datasets Image feature that was not decoded
         if value.get("bytes"):
             return _decode(io.BytesIO(value["bytes"]), "embedded image")
@@ -34,7 +34,8 @@ def _decode(source, name: str) -> Image.Image:
     try:
         with Image.open(source) as image:
             image.load()
-            return _rgb(image)
+            # Phone photos store their rotation in EXIF; processors read raw pixels, so apply it here.
+            return _rgb(ImageOps.exif_transpose(image))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(f"unreadable image {name}: {err}") from None
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.demo import is_synthetic, resolve_data
 from finetune.errors import DataError
 
 TABULAR = {".csv": "csv", ".parquet": "parquet"}
@@ -46,11 +47,9 @@ class Rows(Sequence):
 
 def read_rows(spec: str, split: str = "train") -> Rows:
     """Open a data source named by a recipe's `data.train` / `data.eval`."""
-    if spec.startswith("synthetic:"):
-        from finetune.data.synthetic import synthetic_path
-
+    if is_synthetic(spec):
         try:
-            return read_rows(str(synthetic_path(spec)), split)
+            return read_rows(str(resolve_data(spec)), split)
         except ValueError as err:
             raise DataError(str(err)) from None
     path = Path(spec).expanduser()
@@ -78,7 +77,7 @@ def _read_file(path: Path) -> Rows:
         except Exception as err:  # noqa: BLE001 - pyarrow raises many types; the user needs file + reason
             raise DataError(f"{path}: cannot read {suffix[1:]}: {str(err).splitlines()[0]}") from None
         # CSV rows are numbered like the file's lines (header is line 1).
-        return Rows(str(path), path.parent, dataset, first_row=2 if suffix == ".csv" else 0)
+        return Rows(str(path), path.parent, _undecoded(dataset), first_row=2 if suffix == ".csv" else 0)
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
 
 
@@ -125,7 +124,7 @@ def _read_folder(path: Path, split: str) -> Rows:
         dataset = load_from_disk(str(path))
         if isinstance(dataset, DatasetDict):
             dataset = _pick_split(dataset, split, str(path))
-        return Rows(str(path), path, dataset, first_row=0)
+        return Rows(str(path), path, _undecoded(dataset), first_row=0)
     raise DataError(f"{path}: a data folder needs metadata.jsonl (image folder) or a saved HF dataset")
 
 
@@ -153,7 +152,20 @@ def _read_hub(name: str, split: str) -> Rows:
         raise DataError(
             f"cannot load dataset {name!r} (not a local file or folder, and the Hub load failed: {first})"
         ) from None
-    return Rows(f"{name}[{split}]", Path.cwd(), dataset, first_row=0)
+    return Rows(f"{name}[{split}]", Path.cwd(), _undecoded(dataset), first_row=0)
+
+
+def _undecoded(dataset):
+    """Image columns as {"bytes", "path"} dicts: rows stay cheap to read, pixels are decoded only when a row is
+    encoded (datasets would otherwise decode every image whenever a row is accessed)."""
+    from datasets import Image, List
+
+    for name, feature in dataset.features.items():
+        if isinstance(feature, Image):
+            dataset = dataset.cast_column(name, Image(decode=False))
+        elif isinstance(feature, List) and isinstance(feature.feature, Image):
+            dataset = dataset.cast_column(name, List(Image(decode=False)))
+    return dataset
 
 
 def _pick_split(dataset, split: str, name: str):

@@ -10,16 +10,24 @@
 pycocoevalcap is imported only when a caption metric is computed.
 """
 
-from .captioning import caption_metrics, dialogue_metrics, rouge_l
+from .captioning import (
+    caption_metrics,
+    caption_metrics_with_scores,
+    dialogue_metrics,
+    rouge_l,
+    rouge_l_with_scores,
+)
 from .text import coco_tokenize
 from .vqa import normalize_vqa_answer, vqa_accuracy, vqa_accuracy_by_type
 
 __all__ = [
     "caption_metrics",
+    "caption_metrics_with_scores",
     "coco_tokenize",
     "dialogue_metrics",
     "normalize_vqa_answer",
     "rouge_l",
+    "rouge_l_with_scores",
     "vqa_accuracy",
     "vqa_accuracy_by_type",
 ]

@@ -52,6 +52,15 @@ def caption_metrics(
     ``references[i]`` holds the reference captions of ``predictions[i]``.  With
     ``tokenize=False`` the captions must already be tokenised (space-separated).
     """
+    return caption_metrics_with_scores(predictions, references, tokenize)[0]
+
+
+def caption_metrics_with_scores(
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str] | str],
+    tokenize: bool = True,
+) -> tuple[dict[str, float], list[float]]:
+    """:func:`caption_metrics` plus each prediction's own CIDEr-D (from the same scorer call)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -60,11 +69,11 @@ def caption_metrics(
     with contextlib.redirect_stdout(io.StringIO()):  # the scorers like to print
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
         rouge, _ = Rouge().compute_score(gts, res)
-        cider, _ = Cider().compute_score(gts, res)
+        cider, per_image = Cider().compute_score(gts, res)
     scores = {f"BLEU-{n}": float(b) for n, b in enumerate(bleu, start=1)}
     scores["ROUGE-L"] = float(rouge)
     scores["CIDEr"] = float(cider)
-    return scores
+    return scores, [float(c) for c in per_image]
 
 
 def rouge_l(
@@ -73,10 +82,20 @@ def rouge_l(
     tokenize: bool = True,
 ) -> float:
     """COCO ROUGE-L (LCS F-measure, beta 1.2, best reference) averaged over predictions."""
+    return rouge_l_with_scores(predictions, references, tokenize)[0]
+
+
+def rouge_l_with_scores(
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str] | str],
+    tokenize: bool = True,
+) -> tuple[float, list[float]]:
+    """:func:`rouge_l` plus each prediction's own ROUGE-L."""
     from pycocoevalcap.rouge.rouge import Rouge
 
     gts, res = _prepare(predictions, references, tokenize)
-    return float(Rouge().compute_score(gts, res)[0])
+    mean, each = Rouge().compute_score(gts, res)
+    return float(mean), [float(x) for x in each]
 
 
 def dialogue_metrics(

@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessorPil,
@@ -35,7 +31,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from finetune.data import synthetic
+from finetune.demo import synthetic
+from finetune.demo.cache import cache_dir, cached_build
 
 logger = logging.getLogger(__name__)
 
@@ -109,31 +106,20 @@ Yes, no, maybe: short answers are often the best ones.
 
 def tiny_llava_path() -> Path:
     """The cached tiny-llava folder, built on first use (safe across processes)."""
-    root = synthetic.cache_dir() / "models"
-    final = root / f"{TINY_LLAVA}-{TINY_LLAVA_VERSION}"
-    if (final / "config.json").exists():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if not (final / "config.json").exists():
-            # Build beside the target, then rename: readers never see half a folder.
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}-"))
-            try:
-                tmp.chmod(0o755)  # mkdtemp's 0700 would lock other users out of a shared cache
-                build_tiny_llava(tmp)
-                os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    final = cache_dir() / "models" / f"{TINY_LLAVA}-{TINY_LLAVA_VERSION}"
+    return cached_build(final, build_tiny_llava, marker="config.json")
 
 
-def build_tiny_llava(out_dir: Path, seed: int = 0) -> None:
-    """Builds tokenizer + processor, pre-trains the model and saves both to ``out_dir``."""
-    logger.info("building the embedded %s checkpoint (first use only, 1-2 minutes on a CPU)", TINY_LLAVA)
+def build_tiny_llava(out_dir: Path, seed: int = 0, pretrained: bool = True) -> None:
+    """Builds tokenizer + processor and the model, pre-trains it (unless `pretrained=False`: random weights in
+    seconds, for tests of processors and labels) and saves both to ``out_dir``."""
+    if pretrained:
+        logger.info("building the embedded %s checkpoint (first use only, 1-2 minutes on a CPU)", TINY_LLAVA)
     torch.manual_seed(seed)
     processor = build_processor()
     model = build_model(processor.tokenizer)
-    pretrain(model, processor, seed)
+    if pretrained:
+        pretrain(model, processor, seed)
     model.eval()
     processor.save_pretrained(out_dir)
     model.save_pretrained(out_dir)

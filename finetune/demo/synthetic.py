@@ -16,13 +16,13 @@ import json
 import os
 import random
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
-from filelock import FileLock
 from PIL import Image, ImageDraw
+
+from finetune.demo.cache import cache_dir, cached_build
 
 IMAGE_SIZE = 64
 BACKGROUND = (245, 245, 245)
@@ -197,10 +197,6 @@ def write_dataset(kind: str, split: str, out_dir: str | os.PathLike, n: int, see
     return path
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE") or Path.home() / ".cache" / "finetune")
-
-
 _SPEC = re.compile(r"synthetic:(\w+)/(\w+)(?:\?n=(\d+))?")
 
 
@@ -224,23 +220,9 @@ def synthetic_path(spec: str) -> Path:
     wait for the lock and then find the finished folder.
     """
     kind, split, n = parse_spec(spec)
-    root = cache_dir() / "synthetic" / DATA_VERSION
-    final = root / f"{kind}-{split}-n{n}"
-    jsonl = final / f"{kind}_{split}.jsonl"
-    if jsonl.exists():
-        return jsonl
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if not jsonl.exists():
-            # Generate beside the target, then rename: readers never see half a folder.
-            tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}-"))
-            try:
-                tmp.chmod(0o755)  # mkdtemp's 0700 would lock other users out of a shared cache
-                write_dataset(kind, split, tmp, n)
-                os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return jsonl
+    final = cache_dir() / "synthetic" / DATA_VERSION / f"{kind}-{split}-n{n}"
+    jsonl = f"{kind}_{split}.jsonl"
+    return cached_build(final, partial(write_dataset, kind, split, n=n), marker=jsonl) / jsonl
 
 
 def _check(kind: str, split: str) -> None:

@@ -1,0 +1,1 @@
+"""The shipped recipes, installed as package data (finetune.recipes) so wheels carry them."""
