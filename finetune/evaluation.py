@@ -72,11 +72,14 @@ def evaluate(target, overrides: list[str] | dict | None = None, model=None, proc
     out = Path(output_dir or recipe.eval.output_dir or (
         Path(target) / "eval" if is_run_folder(target) else Path(recipe.output_dir) / "eval-base"))
     if write:
-        write_results(out, metrics, items, predictions)
+        scores = task.per_example(predictions, [i["references"] for i in items]) if task.per_example else None
+        write_results(out, metrics, items, predictions, scores)
     if write and is_run_folder(target):
         from finetune.hub import write_model_card
+        from finetune.report import refresh_report
 
         write_model_card(Path(target), metrics=metrics)  # the card's evaluation table follows the newest eval
+        refresh_report(Path(target), recipe.eval.report_examples)
     if not quiet:
         print(format_table(metrics, title=f"{recipe.task} on {recipe.data.eval}"))
     return metrics
@@ -158,14 +161,29 @@ def perplexity(model, processor, recipe: Recipe, items: list[dict]) -> float:
     return round(float(torch.exp(torch.tensor(total / max(count, 1)))), 4)
 
 
-def write_results(out: Path, metrics: dict, items: list[dict], predictions: list[str]) -> None:
+def write_results(out: Path, metrics: dict, items: list[dict], predictions: list[str],
+                  scores: list[float] | None = None) -> None:
+    """metrics.json, and predictions.jsonl with what the report's gallery shows (images, turns, score)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     with (out / "predictions.jsonl").open("w") as handle:
-        for item, prediction in zip(items, predictions):
+        for n, (item, prediction) in enumerate(zip(items, predictions)):
             prompt = item["messages"][-1]["content"] if item["messages"] else ""
-            handle.write(json.dumps({"id": item["id"], "prompt": prompt, "prediction": prediction,
-                                     "references": item["references"]}) + "\n")
+            row = {"id": item["id"], "prompt": prompt, "prediction": prediction, "references": item["references"],
+                   "images": [p for p in (_image_path(v, item["root"]) for v in item["images"]) if p],
+                   "messages": [{"role": m["role"], "content": m["content"]} for m in item["messages"]]}
+            if scores is not None:
+                row["score"] = round(float(scores[n]), 6)
+            handle.write(json.dumps(row) + "\n")
+
+
+def _image_path(value, root: Path) -> str | None:
+    """An image value's absolute path; None for images embedded as bytes (a Hub dataset's)."""
+    value = value.get("path") if isinstance(value, dict) and not value.get("bytes") else value
+    if not isinstance(value, (str, Path)) or not str(value) or str(value).startswith(("http://", "https://")):
+        return None
+    path = Path(value).expanduser()
+    return str((path if path.is_absolute() else Path(root) / path).resolve())
 
 
 def format_table(metrics: dict, title: str) -> str:

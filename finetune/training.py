@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -21,6 +23,8 @@ from finetune.data.dataset import build_dataset
 from finetune.errors import ConfigError, FinetuneError
 from finetune.hub import write_model_card
 from finetune.models import choose_dtype, load_model
+from finetune.report import refresh_report
+from finetune.run_info import write_run_info
 from finetune.tasks import TASKS
 
 log = logging.getLogger("finetune")
@@ -44,6 +48,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     """Run a recipe; returns the run folder. Overrides: `["data.train=x.jsonl"]` or `**{"data.train": ...}`
     (keyword names may use `__` for dots: `train(r, data__train="x.jsonl")`)."""
     setup_logging()
+    started, clock = datetime.now(timezone.utc), time.perf_counter()
     merged = dict(_as_dict(overrides))
     merged.update({key.replace("__", "."): value for key, value in kw_overrides.items()})
     recipe = load_recipe(recipe, merged)
@@ -88,7 +93,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
             print(f"held-out {headline}: before {before[headline]:.4f} -> after {after[headline]:.4f} "
                   f"({after['examples']} examples of {recipe.data.eval})")
         write_model_card(out)  # after the eval above, so the card carries its metrics
-        log.info("run folder: %s", out)
+        write_run_info(out, model, started, time.perf_counter() - clock, args.world_size)
+        refresh_report(out, recipe.eval.report_examples)
+        log.info("run folder: %s (open report.html to see the run)", out)
     return out
 
 

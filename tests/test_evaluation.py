@@ -29,7 +29,13 @@ def test_eval_of_a_run_writes_metrics_and_predictions(small_run, capsys):
     saved = json.loads((small_run / "eval" / "metrics.json").read_text())
     assert saved == metrics
     rows = [json.loads(line) for line in (small_run / "eval" / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 16 and set(rows[0]) == {"id", "prompt", "prediction", "references"}
+    assert len(rows) == 16 and set(rows[0]) == {"id", "prompt", "prediction", "references", "images", "score",
+                                                "messages"}
+    assert Path(rows[0]["images"][0]).is_absolute() and Path(rows[0]["images"][0]).is_file()
+    assert rows[0]["messages"][-1] == {"role": "user", "content": rows[0]["prompt"]}
+    # Per-example scores are the official per-question accuracies; their mean is the metric.
+    assert sum(r["score"] for r in rows) / 16 == pytest.approx(metrics["vqa_accuracy"], abs=1e-5)
+    assert (small_run / "report.html").is_file()  # finetune eval refreshes the run's report
     assert "vqa_accuracy" in capsys.readouterr().out  # the printed table
 
 

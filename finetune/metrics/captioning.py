@@ -79,6 +79,31 @@ def rouge_l(
     return float(Rouge().compute_score(gts, res)[0])
 
 
+def cider_scores(
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str] | str],
+    tokenize: bool = True,
+) -> list[float]:
+    """Per-prediction CIDEr-D: pycocoevalcap's per-image scores (document frequencies from the whole
+    corpus, so their mean is the corpus CIDEr of :func:`caption_metrics`)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    gts, res = _prepare(predictions, references, tokenize)
+    return [float(s) for s in Cider().compute_score(gts, res)[1]]
+
+
+def rouge_l_scores(
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str] | str],
+    tokenize: bool = True,
+) -> list[float]:
+    """Per-prediction COCO ROUGE-L (pycocoevalcap's per-image scores; their mean is :func:`rouge_l`)."""
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    gts, res = _prepare(predictions, references, tokenize)
+    return [float(s) for s in Rouge().compute_score(gts, res)[1]]
+
+
 def dialogue_metrics(
     predictions: Sequence[str], references: Sequence[Sequence[str] | str]
 ) -> dict[str, float]:
