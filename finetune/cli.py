@@ -55,6 +55,12 @@ def cmd_merge(args) -> None:
     print(merge(args.run, args.out))
 
 
+def cmd_report(args) -> None:
+    from finetune.report import write_report
+
+    print(write_report(args.run, args.examples))
+
+
 def cmd_recipes(args) -> None:
     from finetune.config import RECIPES_DIR, parse_yaml, shipped_recipes
 
@@ -65,7 +71,7 @@ def cmd_recipes(args) -> None:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "chat": cmd_chat, "data": cmd_data,
-            "push": cmd_push, "merge": cmd_merge, "recipes": cmd_recipes}
+            "push": cmd_push, "merge": cmd_merge, "report": cmd_report, "recipes": cmd_recipes}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", help="write base + adapter merged into a plain 16-bit model folder")
     p.add_argument("run", help="a run folder or Hub repo id")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
+    p = sub.add_parser("report", help="rebuild RUN/report.html (curves, metrics, example gallery) from the run folder")
+    p.add_argument("run")
+    p.add_argument("--examples", type=int, default=None,
+                   help="gallery size (default: the recipe's eval.report_examples, 200)")
     sub.add_parser("recipes", help="list the shipped recipes")
     return parser
 

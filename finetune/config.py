@@ -113,6 +113,11 @@ class EvalConfig:
     max_new_tokens: int | None = None  # default: the task's (finetune.tasks.TASKS)
     max_examples: int | None = None
     before_after: bool = False  # train() also scores the base model first and prints both numbers
+    report_examples: int = 200  # report.html's gallery: at most this many held-out examples, every wrong one first
+
+    def __post_init__(self):
+        if self.report_examples < 0:
+            raise ConfigError(f"eval.report_examples must be >= 0, got {self.report_examples}")
 
 
 @dataclass

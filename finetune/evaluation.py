@@ -156,8 +156,10 @@ def evaluate(target, overrides: list[str] | dict | None = None, output_dir: str 
     write_results(out, metrics, predictions)
     if run is not None and not run.remote:
         from finetune.card import write_model_card
+        from finetune.report import refresh_report
 
         write_model_card(run.folder, metrics=metrics)  # the card's evaluation table follows the newest eval
+        refresh_report(run.folder, recipe.eval.report_examples)
     if not quiet:
         print(format_table(metrics, title=f"{recipe.task} on {recipe.data.eval}"))
     return metrics

@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# The report's gallery counts an example as right when its per-example score reaches the task's `right_at`.
+RIGHT_AT = 0.5  # VQA: at least 2 of 10 human answers agree (1 of 1); ROUGE-L; retrieval scores 1/0 (top-1 match)
+
 
 @dataclass(frozen=True)
 class Task:
@@ -20,6 +23,7 @@ class Task:
     example_prompt: str  # the model card's usage snippet asks this
     pipeline_tag: str = "image-text-to-text"  # the Hub's pipeline tag for the model card
     prompt: str | None = None  # the instruction for rows that carry none (caption rows)
+    right_at: float = RIGHT_AT  # per-example score from which the report counts an answer as right
 
 
 def _score_vqa(predictions, references, types):
@@ -49,7 +53,7 @@ TASKS = {
                 eval_task_type="visual-question-answering", example_prompt="What is in the image?"),
     "caption": Task("caption", max_new_tokens=48, headline="CIDEr", score=_score_caption,
                     eval_task_type="image-to-text", example_prompt="Describe the image.",
-                    prompt="Describe the image briefly."),
+                    prompt="Describe the image briefly.", right_at=1.0),  # CIDEr-D per caption (can exceed 1)
     "dialogue": Task("dialogue", max_new_tokens=96, headline="ROUGE-L", score=_score_dialogue,
                      eval_task_type="image-text-to-text", example_prompt="Tell me about this image."),
 }

@@ -6,11 +6,9 @@ runs on a CPU, one GPU, or many through `torchrun` / `accelerate launch` (DDP, F
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,14 +17,16 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from finetune.adapters import attach_adapters, count_parameters
+from finetune.adapters import attach_adapters
 from finetune.config import Recipe, load_recipe, parse_overrides, save_recipe
 from finetune.data.collate import ChatEncoder, Collator
 from finetune.data.dataset import build_dataset
 from finetune.errors import ConfigError, FinetuneError
 from finetune.evaluation import EvalItem, eval_items, score, write_results
 from finetune.models import choose_dtype, load_model
+from finetune.report import refresh_report
 from finetune.run import fold_earlier_runs
+from finetune.run_info import write_run_info
 from finetune.tasks import TASKS
 
 log = logging.getLogger("finetune")
@@ -55,7 +55,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     (keyword names may use `__` for dots: `train(r, data__train="x.jsonl")`). `callbacks` are added to the
     transformers Trainer."""
     setup_logging()
-    started = time.time()
+    started = datetime.now(timezone.utc)
     merged = dict(_as_dict(overrides))
     merged.update({key.replace("__", "."): value for key, value in kw_overrides.items()})
     recipe = load_recipe(recipe, merged)
@@ -97,7 +97,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
         processor.save_pretrained(str(out))
         save_recipe(recipe, out / "recipe.yaml")
         trainer.save_state()
-        write_run_info(out, trainer.model, started)
+        write_run_info(out, trainer.model, started, time.time() - started.timestamp(), args.world_size)
         if compare:
             after = _score(recipe, trainer.model, processor, items, out / "eval")
             headline = TASKS[recipe.task].headline
@@ -106,7 +106,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
         from finetune.card import write_model_card
 
         write_model_card(out)  # after the eval above, so the card carries its metrics
-        log.info("run folder: %s", out)
+        refresh_report(out, recipe.eval.report_examples)
+        log.info("run folder: %s (open report.html to see the run)", out)
     return out
 
 
@@ -119,24 +120,6 @@ def _score(recipe: Recipe, model, processor, items: list[EvalItem], out: Path, w
     if write:
         write_results(out, metrics, predictions)
     return metrics
-
-
-def write_run_info(out: Path, model, started: float) -> None:
-    """What the run cost and ran on: read by the report and the model card."""
-    import transformers
-
-    from finetune import __version__
-
-    trainable, total = count_parameters(model)
-    if torch.cuda.is_available():
-        hardware = f"{torch.cuda.get_device_name()} x{torch.cuda.device_count()}"
-    else:
-        hardware = f"CPU ({os.cpu_count()} cores, {platform.machine()})"
-    info = {"trainable_parameters": trainable, "total_parameters": total, "seconds": round(time.time() - started, 1),
-            "hardware": hardware, "started": datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds"),
-            "finetune_version": __version__, "torch_version": torch.__version__,
-            "transformers_version": transformers.__version__}
-    (out / "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 def training_arguments(recipe: Recipe) -> TrainingArguments:

@@ -34,9 +34,12 @@ def test_eval_of_a_run_writes_metrics_and_predictions(small_run, capsys):
     rows = [json.loads(line) for line in (small_run / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 16
     assert set(rows[0]) == {"id", "prompt", "prediction", "references", "score", "images", "messages"}
+    # Per-example scores are the official per-question accuracies; their mean is the metric.
     assert [r["score"] for r in rows] == [vqa_accuracy(r["prediction"], r["references"]) for r in rows]
     assert metrics["vqa_accuracy"] == pytest.approx(sum(r["score"] for r in rows) / 16)
-    assert all(Path(image).is_file() for r in rows for image in r["images"]) and rows[0]["images"]
+    assert all(Path(image).is_absolute() and Path(image).is_file() for r in rows for image in r["images"])
+    assert rows[0]["images"] and rows[0]["messages"][-1] == {"role": "user", "content": rows[0]["prompt"]}
+    assert (small_run / "report.html").is_file()  # finetune eval refreshes the run's report
     assert "vqa_accuracy" in capsys.readouterr().out  # the printed table
 
 

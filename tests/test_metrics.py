@@ -14,10 +14,12 @@ import pytest
 
 from finetune.metrics import (
     caption_metrics,
+    caption_metrics_with_scores,
     coco_tokenize,
     dialogue_metrics,
     normalize_vqa_answer,
     rouge_l,
+    rouge_l_with_scores,
     vqa_accuracy,
     vqa_accuracy_by_type,
 )
@@ -148,6 +150,16 @@ def test_rouge_l_per_image_and_dialogue_metrics():
     )
     # A single reference may be given as a bare string.
     assert rouge_l(["a dog"], ["a dog"]) == pytest.approx(1.0)
+
+
+def test_per_example_cider_and_rouge_match_pycocoevalcap_per_image_scores():
+    # The report's per-example scores: the reference run's per-image CIDEr-D and ROUGE-L.
+    corpus, cider = caption_metrics_with_scores(PREDS, REFS)
+    rouge_mean, rouge = rouge_l_with_scores(PREDS, REFS)
+    for got, key in ((cider, "CIDEr"), (rouge, "ROUGE-L")):
+        assert got == pytest.approx([c[key] for c in CORPUS], abs=1e-9), key
+    assert sum(cider) / len(PREDS) == pytest.approx(CAP_REF["expected"]["CIDEr"], abs=1e-6) == corpus["CIDEr"]
+    assert rouge_mean == pytest.approx(sum(rouge) / len(PREDS))
 
 
 def test_caption_metrics_reject_bad_input():
