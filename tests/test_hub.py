@@ -1,6 +1,7 @@
 """Sharing a run, offline: the model card, push to a local fake Hub, merge, loading adapters back."""
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -28,6 +29,7 @@ FAST = {"data.train": "synthetic:vqa/train?n=4", "data.eval": None, "train.per_d
         "train.max_steps": 3, "train.save_strategy": "no", "train.logging_steps": 1, "train.report_to": "none"}
 METRICS = {"vqa_accuracy": 0.625, "vqa_accuracy/color": 0.75, "examples": 8, "examples_per_second": 3.5}
 TOKEN = "hf_FakeToken0123456789abcdefSECRET"
+SHA = "0" * 40  # every commit of the fake Hub
 MERGE_ATOL = 1e-4  # fp32 on CPU; measured max |diff| 7.6e-6 (logits ~12): merging only reorders float sums
 
 
@@ -147,15 +149,50 @@ class FakeHub(BaseHTTPRequestHandler):
                  for item in lines if item["key"] == "file"}
         self.state["commits"].append({"repo": repo, "revision": revision, "header": lines[0], "files": files,
                                       "other": [item["key"] for item in lines[1:] if item["key"] != "file"]})
-        return self.reply(200, {"commitUrl": f"{base}/{repo}/commit/{'0' * 40}", "commitOid": "0" * 40})
+        return self.reply(200, {"commitUrl": f"{base}/{repo}/commit/{SHA}", "commitOid": SHA})
 
     def do_GET(self):
         self.state["requests"].append((self.command, self.path, dict(self.headers), b""))
         if self.path == "/api/agent-harnesses":  # huggingface_hub's user-agent telemetry, fetched once a day
             return self.reply(200, {"standardEnvVars": [], "harnesses": {}})
-        return self.reply(404, {"error": "fake hub: push should not need GET"})
+        path = self.path.split("?")[0]
+        info = re.fullmatch(r"/api/models/([^/]+/[^/]+)/revision/(.+)", path)
+        if info:  # snapshot_download's listing of a pushed revision
+            files = self.pushed(*info.groups())
+            if files is None:
+                return self.reply(404, {"error": "Repository not found"})
+            return self.reply(200, {"id": info[1], "sha": SHA, "siblings": [{"rfilename": n} for n in files]})
+        tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)", path)
+        if tree:  # ... and of its files
+            files = self.pushed(*tree.groups()) or {}
+            return self.reply(200, [{"type": "file", "path": n, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
+                                    for n, d in files.items()])
+        return self.serve_file(path, body=True)
 
-    def reply(self, status: int, payload: dict):
+    def do_HEAD(self):
+        self.state["requests"].append((self.command, self.path, dict(self.headers), b""))
+        return self.serve_file(self.path.split("?")[0], body=False)
+
+    def pushed(self, repo: str, revision: str) -> dict | None:
+        """The files of the newest commit to `revision` (what a download of it sees)."""
+        commits = [c for c in self.state["commits"] if c["repo"] == repo and revision in (c["revision"], SHA)]
+        return commits[-1]["files"] if commits else None
+
+    def serve_file(self, path: str, body: bool):
+        match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        files = self.pushed(match[1], match[2]) if match else None
+        if files is None or match[3] not in files:
+            return self.reply(404, {"error": f"fake hub: nothing at {path}"})
+        data = files[match[3]]
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", SHA)
+        self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def reply(self, status: int, payload: dict | list):
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -241,6 +278,62 @@ def test_push_to_a_private_branch_then_load_it_back(run, hub, tmp_path, tiny_pat
     model, processor = load_adapter(downloaded)
     reference = base_plus_adapter(tiny_path, run)
     assert torch.equal(logits_of(model, processor), logits_of(reference, processor))
+
+
+def hub_env(url, tmp_path):
+    """A fresh process that talks to the fake Hub (no token: the pushed repos are public)."""
+    drop = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, "HF_ENDPOINT": url,
+            "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def cli(*args, env, cwd, stdin=None):
+    return subprocess.run([sys.executable, "-m", "finetune", *args], input=stdin, capture_output=True, text=True,
+                          check=False, cwd=cwd, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_eval_predict_and_chat_take_a_hub_repo_id(run, hub, tmp_path, shapes_image):
+    from finetune.evaluation import predict
+
+    url, _ = hub
+    push(run, "alice/tiny-vqa", token=TOKEN, endpoint=url)
+    image = tmp_path / "shapes.png"
+    shapes_image.save(image)
+    env = hub_env(url, tmp_path)
+    done = cli("eval", "alice/tiny-vqa", "data.eval=synthetic:vqa/eval?n=4", env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # Written beside the caller, never into the download cache; the card of the cache copy is left alone.
+    metrics = json.loads((tmp_path / "runs" / "alice--tiny-vqa" / "eval" / "metrics.json").read_text())
+    assert metrics["examples"] == 16 and "vqa_accuracy" in done.stdout
+    question = "What color are the shapes?"
+    answer = cli("predict", "alice/tiny-vqa", "--image", str(image), "--prompt", question, env=env, cwd=tmp_path)
+    assert answer.returncode == 0, answer.stderr[-2000:]
+    assert answer.stdout.strip() == predict(run, str(image), question)  # the pushed run answers as the local one
+    talk = cli("chat", "alice/tiny-vqa", "--image", str(image), stdin=f"{question}\n/quit\n", env=env, cwd=tmp_path)
+    assert talk.returncode == 0 and talk.stdout.count("model> ") == 1, talk.stderr[-2000:]
+    missing = cli("eval", "alice/no-such-run", env=env, cwd=tmp_path)
+    assert missing.returncode == 2 and "cannot download run 'alice/no-such-run'" in missing.stderr
+
+
+def test_a_downloaded_recipe_cannot_run_code_or_read_local_files(run, hub, tmp_path):
+    url, _ = hub
+    evil = tmp_path / "evil"
+    shutil.copytree(run, evil)
+    recipe = (evil / "recipe.yaml").read_text()
+    recipe = recipe.replace("trust_remote_code: false", "trust_remote_code: true")
+    recipe = recipe.replace("adapter: null", f"adapter: {run}", 1)
+    recipe = recipe.replace("image_root: null", "image_root: /etc")
+    recipe = re.sub(r"(?m)^  train: .*$", "  train: /etc/passwd.jsonl", recipe, count=1)
+    assert recipe.count("/etc") == 2 and "trust_remote_code: true" in recipe and f"adapter: {run}" in recipe
+    (evil / "recipe.yaml").write_text(recipe)
+    push(evil, "mallory/evil", token=TOKEN, endpoint=url)
+    code = ("import json; from finetune.run import Run; r = Run.open('mallory/evil'); m, d = r.recipe.model, "
+            "r.recipe.data; print(json.dumps([m.trust_remote_code, m.adapter, d.train, d.image_root, m.name]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=tmp_path,
+                          env=hub_env(url, tmp_path), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout) == [False, None, None, None, "tiny-llava"]
 
 
 def test_push_mistakes_are_one_line(run, hub, tmp_path, monkeypatch):
