@@ -56,6 +56,9 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     adapter: str | None = None  # an earlier run to merge into the base first (staged training)
+    # Options for AutoProcessor.from_pretrained, e.g. {max_pixels: 802816} (Qwen2-VL), {do_image_splitting: false}
+    # (Idefics3/SmolVLM), {image_grid_pinpoints: [[336, 672], ...]} (LLaVA-NeXT); saved with the run.
+    processor: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         _check_choice("model.quantization", self.quantization, ("none", "4bit"))

@@ -29,9 +29,16 @@ def choose_dtype(cfg: ModelConfig) -> torch.dtype:
 
 
 def load_processor(cfg: ModelConfig):
+    """The checkpoint's processor, with the recipe's `model.processor` options; a tokenizer without a pad
+    token pads with its end-of-sequence token (batching needs one)."""
     name = resolve_model(cfg.name)
     with _clear_load_errors(name):
-        return AutoProcessor.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        processor = AutoProcessor.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                                  **cfg.processor)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
 
 
 def load_model(cfg: ModelConfig, device: str | torch.device | None = None):
@@ -112,6 +119,13 @@ class _clear_load_errors:
     def __exit__(self, exc_type, exc, tb):
         if exc is None or isinstance(exc, FinetuneError):
             return False
+        if isinstance(exc, ImportError) and "torchvision" in str(exc).lower():
+            # Qwen2-VL / Qwen2.5-VL processors build a video processor, which needs torchvision, even when
+            # only images are used; transformers offers no image-only processor for them.
+            raise FinetuneError(
+                f"cannot load the processor of {self.name!r}: it needs torchvision (transformers builds its video "
+                "processor even for images); install the torchvision build that matches your torch"
+            ) from None
         if isinstance(exc, (OSError, ValueError, KeyError)):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             local = Path(self.name).exists()
