@@ -15,7 +15,8 @@ import time
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from finetune.config import load_recipe
-from finetune.data.collate import ChatEncoder, Collator
+from finetune.data.collate import Collator
+from finetune.data.encode import ChatEncoder
 from finetune.data.dataset import build_dataset
 from finetune.models import load_processor
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import re
 
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+import torch
+from peft import LoraConfig, get_peft_model
 
 from finetune.config import AdapterConfig
 from finetune.errors import ConfigError
@@ -56,13 +57,16 @@ def fully_trained_modules(model, cfg: AdapterConfig, parts: Parts | None = None)
     return chosen
 
 
-def attach_adapters(model, cfg: AdapterConfig, quantized: bool = False, gradient_checkpointing: bool = False):
-    """Wrap the frozen model in a PeftModel; returns it with a one-line trainable/total report logged."""
-    if quantized:
-        # Casts norms to fp32 and, with checkpointing, makes the input embeddings require grad so
-        # gradients flow through checkpointed 4-bit blocks into the adapters.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
+def attach_adapters(model, cfg: AdapterConfig, gradient_checkpointing: bool = False):
+    """Wrap the frozen model in a PeftModel; returns it with a one-line trainable/total report logged.
+
+    What is not trained keeps the dtype it was loaded in (under QLoRA the vision tower, projector and lm_head stay
+    16-bit: peft's prepare_model_for_kbit_training would cast them to fp32, ~1.2 GB more on LLaVA-7B); what is
+    trained is fp32 whatever the model's dtype, so AdamW's small updates do not round away in bf16 and fp16 mixed
+    precision can unscale its gradients."""
+    if gradient_checkpointing:
+        # With the frozen embeddings, checkpointed blocks would see no input that requires grad and send
+        # no gradient to the adapters inside them.
         model.enable_input_require_grads()
     parts = find_parts(model)
     full = fully_trained_modules(model, cfg, parts)
@@ -89,6 +93,9 @@ def attach_adapters(model, cfg: AdapterConfig, quantized: bool = False, gradient
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.requires_grad_(False)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     trainable, total = count_parameters(model)
     log.info(
         "trainable parameters: %s of %s (%.2f%%); LoRA on %d layers, trained fully: %s",

@@ -61,6 +61,7 @@ def write_model_card(run: Path, metrics: dict | None = None, repo: str | None = 
         metrics=[(k, f"{v:.4g}" if isinstance(v, float) else v) for k, v in (metrics or {}).items()],
         base_id=base or model_name, embedded=is_embedded_model(base), adapter_id=repo or str(run.resolve()),
         example_prompt=(task or TASKS["vqa"]).example_prompt,
+        stages=sorted(p.parent.relative_to(run).as_posix() for p in run.glob("stages/*/adapter_config.json")),
     )
     path = run / "README.md"
     card.save(path)

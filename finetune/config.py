@@ -93,7 +93,9 @@ class DataConfig:
     image_root: str | None = None  # default: the data file's folder
     format: str = "auto"
     max_length: int = 2048
-    on_too_long: str = "drop"  # drop (with a warning naming the rows) | fail
+    # auto: drop rows longer than max_length with a warning, but fail when more than 1% would go (a max_length
+    # too small for the model's image tokens); drop: drop any number; fail: fail on the first
+    on_too_long: str = "auto"
     on_error: str = "fail"  # fail | skip: what an unusable row (missing image, no reply ...) does
     columns: dict[str, str] = field(default_factory=dict)  # our name -> your column, e.g. {question: q}
     prompt: str | None = None  # instruction for caption rows (task default when unset)
@@ -103,7 +105,7 @@ class DataConfig:
 
     def __post_init__(self):
         _check_choice("data.format", self.format, FORMATS)
-        _check_choice("data.on_too_long", self.on_too_long, ("drop", "fail"))
+        _check_choice("data.on_too_long", self.on_too_long, ("auto", "drop", "fail"))
         _check_choice("data.on_error", self.on_error, ("fail", "skip"))
         if self.max_length < 8:
             raise ConfigError(f"data.max_length must be at least 8, got {self.max_length}")

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from finetune.config import Recipe, find_recipe, load_recipe
-from finetune.data.collate import ChatEncoder
 from finetune.data.dataset import load_examples
+from finetune.data.encode import make_encoder
 from finetune.data.formats import Example
 from finetune.errors import ConfigError, DataError
 from finetune.generation import generate
@@ -80,7 +80,7 @@ def score(model, processor, items: list[EvalItem], task: Task, max_new_tokens: i
 @torch.no_grad()
 def perplexity(model, processor, items: list[EvalItem], max_length: int) -> float:
     """exp(mean loss) over held-out assistant tokens only (the same labels training uses)."""
-    encoder = ChatEncoder(processor, max_length=max_length, dtype=model.dtype)
+    encoder = make_encoder(processor, max_length, dtype=model.dtype)
     total, count = 0.0, 0
     for item in items:
         features = encoder.encode(item.example)

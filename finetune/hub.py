@@ -50,7 +50,8 @@ def push(run, repo: str, private: bool = False, revision: str | None = None, tok
 def shared_files(run: Path) -> dict[str, Path]:
     """path in the repo -> local file: what push uploads (never checkpoints or trainer internals)."""
     run = Path(run)
-    files = {p.name: p for pattern in RUN_FILES for p in sorted(run.glob(pattern)) if p.is_file()}
+    files = {p.relative_to(run).as_posix(): p for pattern in RUN_FILES for p in sorted(run.glob(pattern))
+             if p.is_file()}
     if (run / "eval" / "metrics.json").is_file():
         files["metrics.json"] = run / "eval" / "metrics.json"
     return files

@@ -41,11 +41,12 @@ def load_processor(cfg: ModelConfig):
     return processor
 
 
-def load_model(cfg: ModelConfig, device: str | torch.device | None = None):
+def load_model(cfg: ModelConfig, device: str | torch.device | None = None, sharded: bool = False):
     """(model, processor) for a recipe's model section; the model is frozen, ready for adapters.
 
     `device=None` leaves placement to the caller (the Trainer moves the model); 4-bit weights are always
     placed on this process's GPU when there is one, since bitsandbytes quantizes them while loading.
+    `sharded`: FSDP will shard the model, so 4-bit weights are stored in the compute dtype (FSDP shards one dtype).
     """
     name = resolve_model(cfg.name)
     processor = load_processor(cfg)
@@ -54,7 +55,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device | None = None):
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization == "4bit":
-        kwargs["quantization_config"] = nf4_config(name, cfg, dtype)
+        kwargs["quantization_config"] = nf4_config(name, cfg, dtype, storage=dtype if sharded else None)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": _local_device()}
     elif device is not None:
@@ -70,7 +71,7 @@ def inference_device() -> str:
     return f"cuda:{_local_device()}" if torch.cuda.is_available() else "cpu"
 
 
-def nf4_config(name: str, cfg: ModelConfig, compute_dtype: torch.dtype):
+def nf4_config(name: str, cfg: ModelConfig, compute_dtype: torch.dtype, storage: torch.dtype | None = None):
     """NF4 + double quantization for the language decoder only.
 
     transformers 5 matches `llm_int8_skip_modules` from the start of the full module name or as a
@@ -90,6 +91,7 @@ def nf4_config(name: str, cfg: ModelConfig, compute_dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=storage or torch.uint8,
         llm_int8_skip_modules=modules_kept_unquantized(name, cfg),
     )
 

@@ -17,10 +17,12 @@ from finetune.demo import is_embedded_model, is_synthetic
 from finetune.errors import FinetuneError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-# A run's shareable files, top level only: what push uploads and what a download fetches (never checkpoints,
-# eval folders, optimizer or trainer internals).
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")  # peft
+STAGES = "stages"  # a staged run's earlier adapters, bundled so the run loads complete from anywhere
+# A run's shareable files: what push uploads and what a download fetches (never checkpoints, eval folders,
+# optimizer or trainer internals).
 RUN_FILES = (
-    "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",  # peft
+    *ADAPTER_FILES, *(f"{STAGES}/*/{name}" for name in ADAPTER_FILES),
     "*.jinja", "chat_template.json", "*processor_config.json", "tokenizer*", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "*.model",  # processor
     "recipe.yaml", "README.md",
@@ -82,6 +84,15 @@ class Run:
         saved = any(self.folder.glob("*processor_config.json")) or (self.folder / "tokenizer_config.json").is_file()
         return AutoProcessor.from_pretrained(str(self.folder)) if saved else load_processor(self.recipe.model)
 
+    def adapter_chain(self) -> list[Path]:
+        """The adapter folders to apply in order: earlier stages (bundled in stages/, or for an older local run
+        its model.adapter), then this run's own."""
+        bundled = sorted(p for p in (self.folder / STAGES).glob("*") if is_run_folder(p))
+        if bundled:
+            return [*bundled, self.folder]
+        earlier = Run.open(self.recipe.model.adapter).adapter_chain() if self.recipe.model.adapter else []
+        return [*earlier, self.folder]
+
     def load(self, device=None):
         """(model, processor) in eval mode, on this process's GPU when there is one (or `device`)."""
         from peft import PeftModel
@@ -89,8 +100,8 @@ class Run:
         from finetune.models import inference_device, load_model
 
         model, _ = load_model(self.recipe.model, device=device or inference_device())
-        model = fold_earlier_runs(model, self.recipe)
-        model = PeftModel.from_pretrained(model, str(self.folder)).eval()
+        *earlier, own = self.adapter_chain()
+        model = PeftModel.from_pretrained(fold(model, earlier), str(own)).eval()
         return model, self.processor()
 
     def merge(self, out) -> Path:
@@ -101,20 +112,44 @@ class Run:
         16-bit base + adapter, not the 4-bit model the adapter was trained against."""
         from dataclasses import replace
 
-        from peft import PeftModel
-
         from finetune.models import load_model
 
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FinetuneError(f"{out} already exists and is not empty; choose a new folder for the merged model")
-        full = replace(self.recipe, model=replace(self.recipe.model, quantization="none"))
-        model, _ = load_model(full.model)
-        model = fold_earlier_runs(model, full)
-        model = PeftModel.from_pretrained(model, str(self.folder)).merge_and_unload()
+        model, _ = load_model(replace(self.recipe.model, quantization="none"))
+        model = fold(model, self.adapter_chain())
         model.save_pretrained(out)  # transformers 5 always writes safetensors
         self.processor().save_pretrained(out)  # chat template included
         return out
+
+
+def fold(model, adapters: list[Path]):
+    """Merge each adapter folder into the weights, in order (staged training: stage 1's projector, then ...)."""
+    from peft import PeftModel
+
+    for folder in adapters:
+        model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    return model
+
+
+def fold_earlier_runs(model, recipe: Recipe):
+    """Staged training: the base for this stage is the base with every earlier stage merged in."""
+    return fold(model, Run.open(recipe.model.adapter).adapter_chain()) if recipe.model.adapter else model
+
+
+def bundle_earlier_runs(recipe: Recipe, out: Path) -> None:
+    """Copy the earlier stages' adapters into out/stages/NN, so the run loads (and pushes) complete."""
+    import shutil
+
+    if not recipe.model.adapter:
+        return
+    for number, folder in enumerate(Run.open(recipe.model.adapter).adapter_chain(), start=1):
+        stage = out / STAGES / f"{number:02d}"
+        stage.mkdir(parents=True, exist_ok=True)
+        for name in ADAPTER_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, stage / name)
 
 
 def load_adapter(path_or_repo, revision: str | None = None, token: str | None = None, device=None):
@@ -126,17 +161,6 @@ def load_adapter(path_or_repo, revision: str | None = None, token: str | None = 
 def merge(run, out, revision: str | None = None, token: str | None = None) -> Path:
     """Base + adapter of a run folder or Hub repo, merged into a plain model folder `out` (see Run.merge)."""
     return Run.open(run, revision=revision, token=token).merge(out)
-
-
-def fold_earlier_runs(model, recipe: Recipe):
-    """Staged training: merge the earlier stage's adapter (and, first, the stages before it) into the base."""
-    if not recipe.model.adapter:
-        return model
-    from peft import PeftModel
-
-    earlier = Run.open(recipe.model.adapter)
-    model = fold_earlier_runs(model, earlier.recipe)
-    return PeftModel.from_pretrained(model, str(earlier.folder)).merge_and_unload()
 
 
 def download(repo: str, revision: str | None, token: str | None) -> Path:

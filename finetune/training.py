@@ -19,13 +19,14 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from finetune.adapters import attach_adapters
 from finetune.config import Recipe, load_recipe, parse_overrides, save_recipe
-from finetune.data.collate import ChatEncoder, Collator
+from finetune.data.collate import Collator
 from finetune.data.dataset import build_dataset
+from finetune.data.encode import make_encoder
 from finetune.errors import ConfigError, FinetuneError
 from finetune.evaluation import EvalItem, eval_items, score, write_results
 from finetune.models import choose_dtype, load_model
 from finetune.report import refresh_report
-from finetune.run import fold_earlier_runs
+from finetune.run import bundle_earlier_runs, fold_earlier_runs
 from finetune.run_info import write_run_info
 from finetune.tasks import TASKS
 
@@ -64,13 +65,10 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     args = training_arguments(recipe)
 
     set_seed(args.seed)  # LoRA's initial weights too, so two runs of one recipe are the same run
-    model, processor = load_model(recipe.model)
+    model, processor = load_model(recipe.model, sharded=sharded(args))
     model = fold_earlier_runs(model, recipe)  # staged training: earlier stages merged into the base
-    model = attach_adapters(
-        model, recipe.adapter, quantized=recipe.model.quantization == "4bit",
-        gradient_checkpointing=bool(args.activation_checkpointing),
-    )
-    encoder = ChatEncoder(processor, recipe.data.max_length, dtype=model.dtype)
+    model = attach_adapters(model, recipe.adapter, gradient_checkpointing=bool(args.activation_checkpointing))
+    encoder = make_encoder(processor, recipe.data.max_length, dtype=model.dtype)
     show = args.process_index == 0
     train_set, _ = build_dataset(recipe.data.train, recipe.data, encoder, recipe.data.split, progress=show)
     eval_set = None
@@ -79,12 +77,12 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
         eval_set, _ = build_dataset(recipe.data.eval, recipe.data, encoder, eval_split, progress=show)
     log.info("training on %d examples%s", len(train_set), f", evaluating on {len(eval_set)}" if eval_set else "")
     compare = recipe.eval.before_after and recipe.data.eval and args.world_size == 1
-    during = args.eval_strategy != "no"
+    during = args.eval_strategy != "no" and not _task_metric_impossible(args)
     items = eval_items(recipe) if compare or during else None  # read once, scored as often as asked
 
     trainer = FinetuneTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=Collator(encoder.tokenizer.pad_token_id), processing_class=processor,
+        data_collator=Collator(encoder.pad_token_id), processing_class=processor,
         callbacks=[StopOnNonFiniteLoss(), *(callbacks or [])], recipe=recipe, eval_items=items,
     )
     out = Path(args.output_dir)
@@ -96,6 +94,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(out))
         save_recipe(recipe, out / "recipe.yaml")
+        bundle_earlier_runs(recipe, out)
         trainer.save_state()
         write_run_info(out, trainer.model, started, time.time() - started.timestamp(), args.world_size)
         if compare:
@@ -120,6 +119,26 @@ def _score(recipe: Recipe, model, processor, items: list[EvalItem], out: Path, w
     if write:
         write_results(out, metrics, predictions)
     return metrics
+
+
+def sharded(args: TrainingArguments) -> bool:
+    """FSDP, or DeepSpeed ZeRO-3: each process holds only a shard of the weights."""
+    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return True
+    config = args.hf_deepspeed_config.config if getattr(args, "hf_deepspeed_config", None) else {}
+    return config.get("zero_optimization", {}).get("stage") == 3
+
+
+def _task_metric_impossible(args: TrainingArguments) -> bool:
+    """Generation needs whole weights: under sharding, evaluation during training reports the eval loss only."""
+    if not sharded(args):
+        return False
+    if args.metric_for_best_model and args.metric_for_best_model.removeprefix("eval_") != "loss":
+        raise ConfigError(f"train.metric_for_best_model={args.metric_for_best_model} needs generation, which a "
+                          "sharded (FSDP / ZeRO-3) model cannot do during training: use eval_loss, then "
+                          "`finetune eval RUN` on the saved run")
+    log.warning("FSDP / ZeRO-3: evaluation during training reports the eval loss only; run `finetune eval` after")
+    return True
 
 
 def training_arguments(recipe: Recipe) -> TrainingArguments:

@@ -208,7 +208,8 @@ def _llama_tokenizer(extra: list[str]):
 
 # --- models -----------------------------------------------------------------------------------------------------
 
-TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+# Decoder widths of 64: bitsandbytes' CPU kernel for 4-bit inference needs in_features >= its 64-wide blocks.
+TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1, "max_position_embeddings": 1024}
 VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
@@ -329,19 +330,19 @@ def _build_qwen(folder: Path, version: str) -> Path:
     ids = {"bos_token_id": None, **_ids(tokenizer, eos_token_id="<|im_end|>", pad_token_id="<|endoftext|>")}
     special = _ids(tokenizer, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
                    vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
-    text = {**TEXT, "vocab_size": len(tokenizer), "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+    text = {**TEXT, "vocab_size": len(tokenizer), "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},
             **ids}
     if version == "2":
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model
 
-        vision = {"depth": 1, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
+        vision = {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2, "patch_size": 14,
                   "spatial_merge_size": 2, "temporal_patch_size": 2}
     else:
         from transformers import Qwen2_5_VLConfig as Config
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
-        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
                   "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
                   "fullatt_block_indexes": [1]}
     config = Config(text_config=text, vision_config=vision, **special, **ids)
@@ -439,7 +440,7 @@ def build_gemma3(folder: Path) -> Path:
     processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer,
                                 chat_template=GEMMA3, image_seq_length=4)
     ids = _text_ids(tokenizer, "<bos>", "<eos>", "<pad>")
-    text = Gemma3TextConfig(vocab_size=len(tokenizer), **TEXT, head_dim=16, query_pre_attn_scalar=16,
+    text = Gemma3TextConfig(vocab_size=len(tokenizer), **TEXT, head_dim=32, query_pre_attn_scalar=32,
                             sliding_window=16, layer_types=["sliding_attention", "full_attention"], **ids)
     config = Gemma3Config(
         text_config=text, vision_config=SiglipVisionConfig(**VISION, image_size=32, patch_size=8),
@@ -467,11 +468,11 @@ def build_paligemma2(folder: Path) -> Path:
                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
     processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <loc..>, <seg..>
     ids = _text_ids(tokenizer, "<bos>", "<eos>", "<pad>")
-    text = Gemma2Config(vocab_size=len(tokenizer), **TEXT, head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+    text = Gemma2Config(vocab_size=len(tokenizer), **TEXT, head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
                         **ids)
     config = PaliGemmaConfig(
-        text_config=text, vision_config=SiglipVisionConfig(**VISION, image_size=32, patch_size=8, projection_dim=32),
-        projection_dim=32, hidden_size=32, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        text_config=text, vision_config=SiglipVisionConfig(**VISION, image_size=32, patch_size=8, projection_dim=64),
+        projection_dim=64, hidden_size=64, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vocab_size=len(tokenizer), **ids,
     )
     return _save(folder, PaliGemmaForConditionalGeneration(config), processor, ids)

@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from finetune.data.collate import IGNORE, ChatEncoder, Collator, TooLong
+from finetune.data.collate import Collator
+from finetune.data.encode import IGNORE, ChatEncoder, TooLong
 from finetune.data.formats import row_to_examples
 
 # A second, structurally different template (Gemma-style turns, "model" role, no system role,

@@ -6,8 +6,8 @@ import pytest
 from PIL import Image
 
 from finetune.config import DataConfig
-from finetune.data.collate import ChatEncoder
 from finetune.data.dataset import build_dataset, load_examples
+from finetune.data.encode import ChatEncoder
 from finetune.data.formats import detect_format, row_to_examples
 from finetune.data.sources import read_rows
 from finetune.errors import DataError
@@ -131,12 +131,30 @@ def test_rows_too_long_are_dropped_and_named(folder, processor, caplog):
     rows = vqa_rows() + [{"image": "img/a.png", "question": "word " * 400, "answer": "x"}]
     path = write_jsonl(folder / "d.jsonl", rows)
     encoder = ChatEncoder(processor, max_length=128)  # one image is 64 tokens; a short VQA row about 86
+    longest = len(ChatEncoder(processor, max_length=10**6).encode(load_examples(str(path), DataConfig(), "train")[0][2])
+                  ["input_ids"])
     with caplog.at_level("WARNING", logger="finetune"):
-        dataset, report = build_dataset(str(path), DataConfig(max_length=128), encoder, progress=False)
-    assert len(dataset) == 2 and report.too_long == [f"{path}:3"]
-    assert f"dropped 1 row(s) longer than data.max_length=128: {path}:3" in caplog.text
+        dataset, report = build_dataset(str(path), DataConfig(max_length=128, on_too_long="drop"), encoder,
+                                        progress=False)
+    assert len(dataset) == 2 and report.too_long == [(f"{path}:3", longest)]
+    assert (f"dropped 1 of 3 examples (33.3%) are longer than data.max_length=128 (the longest has {longest} "
+            f"tokens): {path}:3 (data.max_length={longest} fits them all)") in caplog.text
     with pytest.raises(DataError, match=f"{path}:3: .*data.on_too_long=fail"):
         build_dataset(str(path), DataConfig(max_length=128, on_too_long="fail"), encoder, progress=False)
+
+
+def test_a_max_length_that_would_empty_much_of_the_data_fails_by_default(folder, processor, caplog):
+    """The default (auto) drops a stray long row, but refuses to drop more than 1% of the data silently."""
+    long_row = {"image": "img/a.png", "question": "word " * 400, "answer": "x"}
+    encoder = ChatEncoder(processor, max_length=128)
+    many = write_jsonl(folder / "many.jsonl", vqa_rows() * 20 + [long_row])  # 1 of 41: 2.4%
+    with pytest.raises(DataError, match=r"(?s)1 of 41 examples \(2.4%\) .*raise data.max_length .*data.on_too_long=drop"):
+        build_dataset(str(many), DataConfig(max_length=128), encoder, progress=False)
+    few = write_jsonl(folder / "few.jsonl", vqa_rows() * 60 + [long_row])  # 1 of 121: 0.8%
+    with caplog.at_level("WARNING", logger="finetune"):
+        dataset, report = build_dataset(str(few), DataConfig(max_length=128), encoder, progress=False)
+    assert len(dataset) == 120 and [loc for loc, _ in report.too_long] == [f"{few}:121"]
+    assert "dropped 1 of 121 examples" in caplog.text
 
 
 def test_missing_file_and_unknown_hub_dataset(tmp_path, monkeypatch):

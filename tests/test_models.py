@@ -6,7 +6,8 @@ from transformers import AutoModelForImageTextToText
 
 from finetune.adapters import attach_adapters, fully_trained_modules, lora_targets
 from finetune.config import AdapterConfig, ModelConfig
-from finetune.data.collate import ChatEncoder, Collator
+from finetune.data.collate import Collator
+from finetune.data.encode import ChatEncoder
 from finetune.data.formats import row_to_examples
 from finetune.errors import FinetuneError
 from finetune.models import choose_dtype, load_model
@@ -92,7 +93,7 @@ def test_gradient_checkpointing_sends_gradients_to_4bit_lora(random_tiny, proces
 
     monkeypatch.setattr(modeling_utils, "checkpoint", counting_checkpoint)
     model, _ = load_model(ModelConfig(name=str(random_tiny), quantization="4bit"))
-    model = attach_adapters(model, AdapterConfig(), quantized=True, gradient_checkpointing=True)
+    model = attach_adapters(model, AdapterConfig(), gradient_checkpointing=True)
     model.activation_checkpointing_enable({"use_reentrant": True})
     model.train()
     model(**one_batch(processor, shapes_image)).loss.backward()

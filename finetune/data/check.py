@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import Counter
 
 from finetune.config import load_recipe
-from finetune.data.collate import ChatEncoder
 from finetune.data.dataset import Report, _reason_kind, check_examples
+from finetune.data.encode import make_encoder
 from finetune.errors import ConfigError
 from finetune.models import load_processor
 
@@ -17,7 +17,7 @@ def check_data(recipe, overrides=None, write=print) -> bool:
     if not recipe.data.train and not recipe.data.eval:
         raise ConfigError("nothing to check: set data.train and/or data.eval")
     # Only the processor is needed (tokenizer, chat template, image processor): no model weights load.
-    encoder = ChatEncoder(load_processor(recipe.model), recipe.data.max_length)
+    encoder = make_encoder(load_processor(recipe.model), recipe.data.max_length)
     cfg = recipe.data
     ok = True
     for spec, split in ((cfg.train, cfg.split), (cfg.eval, cfg.eval_split or "validation")):
@@ -25,8 +25,8 @@ def check_data(recipe, overrides=None, write=print) -> bool:
             continue
         relaxed = type(cfg)(**{**cfg.__dict__, "on_too_long": "drop"})
         _, _, report = check_examples(spec, relaxed, encoder, split)
-        problems = report.problems + [(loc, f"too long for data.max_length={cfg.max_length}")
-                                      for loc in report.too_long]
+        problems = report.problems + [(loc, f"too long for data.max_length={cfg.max_length} ({length} tokens)")
+                                      for loc, length in report.too_long]
         for location, reason in problems:
             write(f"{location}: {reason}")
         write(_summary(report, problems))

@@ -16,13 +16,14 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.config import DataConfig
-from finetune.data.collate import ChatEncoder, TooLong
+from finetune.data.encode import ChatEncoder, TooLong
 from finetune.data.formats import Example, row_to_examples
 from finetune.data.sources import BadRow, Rows, read_rows
 from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
 SHOWN_PROBLEMS = 20
+TOO_LONG_SHARE = 0.01  # data.on_too_long=auto drops up to this share of the examples, and fails above it
 
 
 @dataclass
@@ -31,7 +32,7 @@ class Report:
     rows: int = 0
     examples: int = 0
     problems: list[tuple[str, str]] = field(default_factory=list)  # (file:row, reason)
-    too_long: list[str] = field(default_factory=list)  # file:row of rows dropped for length
+    too_long: list[tuple[str, int]] = field(default_factory=list)  # (file:row, tokens) of rows over max_length
 
     def summary(self) -> str:
         lines = [f"{loc}: {reason}" for loc, reason in self.problems[:SHOWN_PROBLEMS]]
@@ -93,7 +94,7 @@ def check_examples(spec: str, cfg: DataConfig, encoder: ChatEncoder, split: str 
         except TooLong as err:
             if cfg.on_too_long == "fail":
                 raise DataError(f"{example.location}: {err} (data.on_too_long=fail)") from None
-            report.too_long.append(example.location)
+            report.too_long.append((example.location, err.length))
         except DataError as err:
             report.problems.append((example.location, _one_line(err)))
     report.examples = len(kept)
@@ -109,12 +110,24 @@ def build_dataset(spec: str, cfg: DataConfig, encoder: ChatEncoder, split: str =
             raise DataError(report.summary() + "\n(set data.on_error=skip to drop these rows)")
         log.warning("skipping unusable rows (data.on_error=skip):\n%s", report.summary())
     if report.too_long:
-        shown = ", ".join(report.too_long[:SHOWN_PROBLEMS]) + (" ..." if len(report.too_long) > SHOWN_PROBLEMS else "")
-        log.warning("dropped %d row(s) longer than data.max_length=%d: %s", len(report.too_long), cfg.max_length,
-                    shown)
+        _too_long(report, cfg, len(kept) + len(report.too_long))
     if not kept:
         raise DataError(f"{report.source}: no usable example left")
     return SupervisedDataset(kept, encoder, lengths), report
+
+
+def _too_long(report: Report, cfg: DataConfig, total: int) -> None:
+    """Say how many examples exceed data.max_length, the longest, and the key to change; fail when too many would go."""
+    longest = max(length for _, length in report.too_long)
+    shown = ", ".join(loc for loc, _ in report.too_long[:SHOWN_PROBLEMS])
+    shown += " ..." if len(report.too_long) > SHOWN_PROBLEMS else ""
+    share = len(report.too_long) / total
+    summary = (f"{len(report.too_long)} of {total} examples ({share:.1%}) are longer than data.max_length="
+               f"{cfg.max_length} (the longest has {longest} tokens): {shown}")
+    if cfg.on_too_long == "auto" and share > TOO_LONG_SHARE:
+        raise DataError(f"{summary}\nraise data.max_length (data.max_length={longest} fits them all), bound the "
+                        "image tokens with model.processor options, or set data.on_too_long=drop to train without them")
+    log.warning("dropped %s (data.max_length=%d fits them all)", summary, longest)
 
 
 def image_root(cfg: DataConfig, rows: Rows) -> Path:
