@@ -160,6 +160,8 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
     dtype = choose_dtype(recipe.model)
     if "bf16" not in values and "fp16" not in values and str(dtype) == "torch.bfloat16":
         values["bf16"] = True
+    if values.get("bf16") and not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        values.setdefault("use_cpu", True)  # bf16 autocast on the CPU: Trainer wants to be told
     if values.get("eval_strategy", "no") != "no" and not recipe.data.eval:
         raise ConfigError("train.eval_strategy is set but data.eval is not: give held-out data with data.eval=...")
     try:

@@ -130,3 +130,52 @@ def test_unknown_model_is_one_clear_line():
         load_model(ModelConfig(name="no-such-org/no-such-model"))
     with pytest.raises(FinetuneError, match="cannot load model"):
         load_model(ModelConfig(name="/tmp/definitely/not/here"))
+
+
+def test_trainable_parameters_are_fp32_and_frozen_parts_keep_their_dtype(random_tiny):
+    """bf16 (or fp16) updates to a fully trained projector would round away, and fp16 gradients could not be
+    unscaled: what trains is fp32. What does not train keeps its 16-bit dtype, 4-bit decoder included."""
+    model, _ = load_model(ModelConfig(name=str(random_tiny), quantization="4bit", dtype="bfloat16"))
+    model = attach_adapters(model, AdapterConfig(train_fully=["projector"]))
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert any("multi_modal_projector" in n and "lora_" not in n for n in trainable)
+    assert set(trainable.values()) == {torch.float32}
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    vision = [d for n, d in frozen.items() if ".vision_tower." in n]
+    head = [d for n, d in frozen.items() if n.endswith("lm_head.weight")]
+    assert vision and set(vision) == {torch.bfloat16} and head == [torch.bfloat16]  # not cast to fp32
+    assert four_bit_modules(model)
+
+
+@pytest.mark.slow
+def test_small_updates_to_a_fully_trained_projector_survive_in_bf16(random_tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from finetune import train
+
+    run = train("demo/vqa", {"model.name": str(random_tiny), "model.dtype": "bfloat16", "adapter.lora": False,
+                             "adapter.train_fully": ["projector"], "data.train": "synthetic:vqa/train?n=4",
+                             "data.eval": None, "train.max_steps": 2, "train.learning_rate": 1e-5,
+                             "train.per_device_train_batch_size": 8, "train.save_strategy": "no",
+                             "output_dir": str(tmp_path / "run")})
+    trained = {k: v for k, v in load_file(run / "adapter_model.safetensors").items() if "multi_modal_projector" in k}
+    base = AutoModelForImageTextToText.from_pretrained(random_tiny).model.multi_modal_projector.state_dict()
+    assert trained
+    for key, value in trained.items():
+        original = base[key.split("multi_modal_projector.")[-1].replace("modules_to_save.default.", "")]
+        # A 1e-5 step is below bf16's resolution for these weights: only fp32 parameters keep it.
+        assert value.dtype == torch.float32 and not torch.equal(value, original.to(torch.bfloat16).float()), key
+
+
+def test_inference_loads_on_the_gpu_when_there_is_one(random_tiny, monkeypatch, tmp_path):
+    import finetune.models
+
+    seen = []
+    real = finetune.models.load_model
+    monkeypatch.setattr(finetune.models, "load_model", lambda cfg, device=None, **kw: seen.append(device) or real(cfg))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    from finetune.evaluation import open_target
+
+    open_target({"model": {"name": str(random_tiny)}, "output_dir": str(tmp_path)})
+    assert seen == ["cuda:1"]  # a run (Run.load) takes the same device: finetune.models.inference_device
