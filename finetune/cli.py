@@ -37,9 +37,15 @@ def cmd_chat(args) -> None:
 
 
 def cmd_data(args) -> None:
-    from finetune.data.check import check_data
+    if args.data_command == "show":
+        from finetune.data.show import show_data
 
-    if not check_data(args.recipe, list(args.overrides)):
+        ok = show_data(args.recipe, list(args.overrides), rows=args.rows, as_json=args.json)
+    else:
+        from finetune.data.check import check_data
+
+        ok = check_data(args.recipe, list(args.overrides))
+    if not ok:
         raise SystemExit(1)
 
 
@@ -92,11 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "predict":
             p.add_argument("--prompt", required=True, help="the question or instruction")
         p.add_argument("--max-new-tokens", type=int, default=None)
-    data = sub.add_parser("data", help="data tools: finetune data check RECIPE [KEY=VALUE ...]")
+    data = sub.add_parser("data", help="data tools: finetune data check|show RECIPE [KEY=VALUE ...]")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     p = data_sub.add_parser("check", help="read every row as training would; exit 1 if any is unusable")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*")
+    p = data_sub.add_parser("show", help="the first examples of data.train as the model sees them, supervised "
+                            "tokens marked; exit 1 if a row shown is unusable")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--rows", type=int, default=3, help="how many examples (default 3)")
+    p.add_argument("--json", action="store_true", help="one JSON object per example: row, text, supervised, "
+                   "tokens, image_tokens")
     p = sub.add_parser("push", help="upload adapter, processor, recipe, metrics and model card to the Hub")
     p.add_argument("run")
     p.add_argument("--repo", required=True, help="OWNER/NAME")
