@@ -13,8 +13,8 @@ from transformers import AutoConfig, AutoProcessor
 
 from finetune.cli import main
 from finetune.config import DataConfig
-from finetune.data.collate import IGNORE, ChatEncoder
 from finetune.data.dataset import load_examples
+from finetune.data.encode import IGNORE, ChatEncoder
 from finetune.data.show import GREEN, RESET, show_data
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None

@@ -49,8 +49,7 @@ class _Encoder:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
         self.dtype = dtype
-        self.image_token = getattr(processor, "image_token", IMAGE)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.image_token_id = image_token_id(processor)
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.tokenizer.eos_token_id
@@ -232,6 +231,17 @@ class PrefixLMEncoder(_Encoder):
         images = [images for _, images in prompts]
         return self._process(text=texts, images=images if any(images) else None, padding=True,
                              padding_side="left")
+
+
+def image_token_id(processor) -> int | None:
+    """The id that image features fill. Gemma 3's processor names its placeholder `<start_of_image>` as
+    `image_token(_id)` while the features go to the tokenizer's `<image_soft_token>`, so the tokenizer's
+    named image token wins where there is one."""
+    tokenizer = getattr(processor, "tokenizer", processor)
+    for owner in (tokenizer, processor):
+        if getattr(owner, "image_token_id", None) is not None:
+            return owner.image_token_id
+    return tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", IMAGE))
 
 
 def _tokenizer_adds_bos(tokenizer) -> bool:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from itertools import islice
 
 from finetune.config import load_recipe
-from finetune.data.collate import IGNORE, ChatEncoder
 from finetune.data.dataset import _one_line, image_root
+from finetune.data.encode import IGNORE, image_token_id, make_encoder
 from finetune.data.formats import Example, row_to_examples
 from finetune.data.sources import BadRow, read_rows
 from finetune.errors import ConfigError, DataError
@@ -71,21 +71,9 @@ class Unusable:
     reason: str
 
 
-def image_token_id(processor) -> int | None:
-    """The id that image features fill. Gemma 3's processor names its placeholder `<start_of_image>` as
-    `image_token(_id)` while the features go to the tokenizer's `<image_soft_token>`, so the tokenizer's
-    named image token wins where there is one."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    for owner in (tokenizer, processor):
-        if getattr(owner, "image_token_id", None) is not None:
-            return owner.image_token_id
-    token = getattr(processor, "image_token", None)
-    return tokenizer.convert_tokens_to_ids(token) if token else None
-
-
 def show_examples(processor, examples: Iterable[Example | Unusable], max_length: int) -> Iterator[Shown | Unusable]:
     """Each example as training encodes it; one that cannot be encoded becomes Unusable (as do those given)."""
-    encoder = ChatEncoder(processor, max_length)
+    encoder = make_encoder(processor, max_length)
     image_id = image_token_id(processor)
     for example in examples:
         if isinstance(example, Unusable):
