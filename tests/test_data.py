@@ -102,7 +102,7 @@ def test_caption_rows_give_one_example_per_caption_and_column_map():
     ({"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>"},
                                           {"from": "gpt", "value": "x"}]}, "2 <image> placeholder"),
     ({"foo": 1}, "cannot tell the row's format"),
-    ({"conversations": [{"from": "robot", "value": "x"}]}, "unknown speaker"),
+    ({"conversations": [{"from": "robot", "value": "x"}]}, "unknown role .robot."),
 ])
 def test_bad_rows_raise_clear_errors(row, reason):
     with pytest.raises(DataError, match=reason):

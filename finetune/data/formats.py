@@ -11,7 +11,12 @@ from finetune.errors import DataError
 from finetune.tasks import TASKS
 
 IMAGE = "<image>"
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+         "developer": "system"}  # OpenAI's newer name for the system message
+SYSTEM_COLUMNS = ("system", "system_prompt")  # a row-level system prompt (LLaMA-Factory, lmms-finetune)
+# Content-part types, as OpenAI chat/Responses, Hugging Face chat templates and LLaMA-Factory v1 write them.
+TEXT_PARTS = ("text", "input_text", "output_text")
+IMAGE_PARTS = ("image", "image_url", "input_image")
 
 
 @dataclass(frozen=True)
@@ -74,10 +79,12 @@ def _row_to_examples(row, fmt, columns, prompt, system_prompt) -> list[Example]:
         }
     fmt = detect_format(row) if fmt == "auto" else fmt
     convert = {"llava": _from_llava, "messages": _from_messages, "vqa": _from_vqa, "caption": _from_caption}[fmt]
+    # A system turn in the conversation wins over the row's system column, which wins over data.system_prompt.
+    system = _row_system(row) or system_prompt
     examples = []
     for messages, images, extra in convert(row, prompt):
-        if system_prompt and messages[0]["role"] != "system":
-            messages.insert(0, {"role": "system", "content": system_prompt})
+        if system and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": system})
         example = Example(messages=tuple(messages), images=tuple(images), id=_text_or_none(row.get("id")), **extra)
         check_example(example)
         examples.append(example)
@@ -86,6 +93,22 @@ def _row_to_examples(row, fmt, columns, prompt, system_prompt) -> list[Example]:
 
 def _text_or_none(value) -> str | None:
     return None if value is None else str(value)
+
+
+def _row_system(row: dict) -> str | None:
+    for column in SYSTEM_COLUMNS:
+        value = row.get(column)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        if not isinstance(value, str):
+            raise DataError(f"`{column}` must be text, got {type(value).__name__}")
+        return value
+    return None
+
+
+def _first(mapping: dict, *keys):
+    """The first of `keys` with a value: Arrow gives every part struct all keys, the missing ones as None."""
+    return next((mapping[k] for k in keys if mapping.get(k) is not None), None)
 
 
 def check_example(example: Example) -> None:
@@ -102,47 +125,46 @@ def check_example(example: Example) -> None:
 def _images(value) -> list:
     if value is None or value == "":
         return []
+    if isinstance(value, str) and value.startswith("["):  # a list written as JSON text (CSV cells)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _from_llava(row: dict, prompt: str | None) -> list[tuple]:
-    turns = row.get("conversations")
-    if isinstance(turns, str):
-        turns = json.loads(turns)
-    if not isinstance(turns, list):
-        raise DataError("`conversations` must be a list of {from, value} turns")
-    messages = []
-    for turn in turns:
-        if not isinstance(turn, dict) or "value" not in turn:
-            raise DataError("each turn of `conversations` needs `from` and `value`")
-        role = ROLES.get(str(turn.get("from", "")).lower())
-        if role is None:
-            raise DataError(f"unknown speaker {turn.get('from')!r} (use human/gpt, user/assistant or system)")
-        messages.append({"role": role, "content": str(turn["value"])})
-    images = _images(row.get("image", row.get("images")))
-    _add_missing_placeholders(messages, images)
-    return [(messages, images, {})]
+    return _from_turns(row.get("conversations"), "conversations", row.get("image", row.get("images")))
 
 
 def _from_messages(row: dict, prompt: str | None) -> list[tuple]:
-    raw = row.get("messages")
-    if isinstance(raw, str):
-        raw = json.loads(raw)
-    if not isinstance(raw, list):
-        raise DataError("`messages` must be a list of {role, content}")
-    images = _images(row.get("images", row.get("image")))
+    return _from_turns(row.get("messages"), "messages", row.get("images", row.get("image")))
+
+
+def _from_turns(turns, column: str, images) -> list[tuple]:
+    """ShareGPT/LLaVA `{from, value}` and OpenAI/HF `{role, content}` turns alike; content is text or parts."""
+    if isinstance(turns, str):
+        turns = json.loads(turns)
+    if not isinstance(turns, list):
+        raise DataError(f"`{column}` must be a list of {{role, content}} or {{from, value}} turns")
+    images = _images(images)
     inline = []
     messages = []
-    for message in raw:
-        if not isinstance(message, dict) or "role" not in message:
-            raise DataError("each message needs `role` and `content`")
-        role = ROLES.get(str(message["role"]).lower())
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise DataError(f"each turn of `{column}` must be a mapping with role/from and content/value")
+        speaker = _first(turn, "role", "from")
+        if speaker is None or not ("content" in turn or "value" in turn):
+            raise DataError(f"each turn of `{column}` needs role/from and content/value")
+        role = ROLES.get(str(speaker).lower())
         if role is None:
-            raise DataError(f"unknown role {message['role']!r} (use system, user or assistant)")
-        content = message.get("content")
+            raise DataError(f"unknown role {speaker!r} (use system, user/human or assistant/gpt)")
+        content = _first(turn, "content", "value")  # None: an OpenAI tool-call turn, or Arrow's missing key
         if isinstance(content, list):
             content, found = _parts_to_text(content)
             inline += found
+        elif isinstance(content, dict):
+            raise DataError("a turn's content must be text or a list of content parts")
         messages.append({"role": role, "content": "" if content is None else str(content)})
     if inline and images:
         raise DataError("images given both inside the message parts and in `images`; use one of the two")
@@ -152,20 +174,39 @@ def _from_messages(row: dict, prompt: str | None) -> list[tuple]:
 
 
 def _parts_to_text(parts: list) -> tuple[str, list]:
-    """OpenAI/HF style content parts -> text with placeholders, plus any images the parts carry."""
+    """Content parts -> text with one placeholder per image part, plus the images the parts carry.
+
+    Image parts may hold their image (HF `image`/`path`/`url`, OpenAI `image_url.url` or a bare `image_url`
+    string, LLaMA-Factory v1 `value`) or leave it to the row's `images` column.
+    """
     text, images = [], []
     for part in parts:
         kind = part.get("type") if isinstance(part, dict) else None
-        if kind == "text":
-            text.append(str(part.get("text", "")))
-        elif kind == "image":
+        if kind in TEXT_PARTS:
+            value = _first(part, "text", "value")
+            if isinstance(value, (dict, list)):
+                raise DataError(f"the text of a {kind!r} part must be a string")
+            text.append("" if value is None else str(value))
+        elif kind in IMAGE_PARTS:
             text.append(IMAGE)
-            value = part.get("image", part.get("path", part.get("url")))
+            value = _image_in_part(part, kind)
             if value is not None:
                 images.append(value)
+        elif kind is None:
+            raise DataError("a content part must be a mapping with a `type`")
         else:
-            raise DataError(f"unsupported content part {part!r} (use type text or image)")
+            raise DataError(f"unsupported content part type {str(kind)!r} (use text, image or image_url)")
     return "".join(text), images
+
+
+def _image_in_part(part: dict, kind: str):
+    for key in (kind, "image", "image_url", "path", "url", "value"):
+        value = part.get(key)
+        if isinstance(value, dict) and "url" in value:  # OpenAI: {"url": ..., "detail": ...}
+            value = value["url"]
+        if value is not None:
+            return value
+    return None
 
 
 def _add_missing_placeholders(messages: list[dict], images: list) -> None:

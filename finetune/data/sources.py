@@ -64,10 +64,15 @@ def read_rows(spec: str, split: str = "train") -> Rows:
 
 def _read_file(path: Path) -> Rows:
     suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return Rows(str(path), path.parent, _read_jsonl(path))
-    if suffix == ".json":
-        return Rows(str(path), path.parent, _read_json(path), first_row=0)
+    if suffix in (".json", ".jsonl"):
+        try:
+            # By content as well as suffix: NLVR2 ships JSON Lines as .json, exporters write lists as .jsonl.
+            if suffix == ".jsonl" and not _starts_with(path, "["):
+                with path.open(encoding="utf-8-sig") as lines:  # -sig: Windows tools start files with a BOM
+                    return Rows(str(path), path.parent, _read_jsonl(lines))
+            return _read_json(path)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
     if suffix in TABULAR:
         from datasets import Dataset
 
@@ -81,35 +86,46 @@ def _read_file(path: Path) -> Rows:
     raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv or .parquet)")
 
 
-def _read_jsonl(path: Path) -> list:
-    items = []
-    with path.open(encoding="utf-8") as handle:
+def _starts_with(path: Path, char: str) -> bool:
+    with path.open(encoding="utf-8-sig") as handle:
         for line in handle:
-            if not line.strip():
-                items.append(BadRow("empty line"))
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                items.append(BadRow(f"malformed JSON ({err.msg} at column {err.colno})"))
-                continue
-            items.append(value if isinstance(value, dict) else BadRow("a row must be a JSON object"))
+            if line.strip():
+                return line.lstrip().startswith(char)
+    return False
+
+
+def _read_jsonl(lines) -> list:
+    items = []
+    for line in lines:
+        if not line.strip():
+            items.append(BadRow("empty line"))
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            items.append(BadRow(f"malformed JSON ({err.msg} at column {err.colno})"))
+            continue
+        items.append(value if isinstance(value, dict) else BadRow("a row must be a JSON object"))
     # A trailing blank line is not a row.
     while items and isinstance(items[-1], BadRow) and items[-1].reason == "empty line":
         items.pop()
     return items
 
 
-def _read_json(path: Path) -> list:
+def _read_json(path: Path) -> Rows:
+    text = path.read_text(encoding="utf-8-sig")
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(text)
     except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # one object per line: JSON Lines under another name
+            return Rows(str(path), path.parent, _read_jsonl(text.splitlines()))
         raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
         raise DataError(f"{path}: expected a JSON list of rows (or {{\"data\": [...]}})")
-    return [row if isinstance(row, dict) else BadRow("a row must be a JSON object") for row in value]
+    rows = [row if isinstance(row, dict) else BadRow("a row must be a JSON object") for row in value]
+    return Rows(str(path), path.parent, rows, first_row=0)
 
 
 def _read_folder(path: Path, split: str) -> Rows:
