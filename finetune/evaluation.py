@@ -65,15 +65,21 @@ def score(model, processor, items: list[EvalItem], task: Task, max_new_tokens: i
 
     Returns (metrics, predictions): one prediction row per item with its per-example score."""
     start = time.perf_counter()
-    answers = generate(model, processor, [(i.prompt, list(i.example.images), i.example.root) for i in items],
-                       max_new_tokens=max_new_tokens or task.max_new_tokens, batch_size=batch_size, quiet=quiet)
+    generated = generate(model, processor, [(i.prompt, list(i.example.images), i.example.root) for i in items],
+                         max_new_tokens=max_new_tokens or task.max_new_tokens, batch_size=batch_size, quiet=quiet,
+                         with_ends=True)
     seconds = time.perf_counter() - start
+    answers = [text for text, _ in generated]
     metrics, per_example = task.score(answers, [list(i.references) for i in items], [i.question_type for i in items])
     if task.name == "dialogue":
         metrics["perplexity"] = perplexity(model, processor, items, max_length)
+    # Answers that ended with the end-of-turn token rather than running out of max_new_tokens: a model that has
+    # not learned to stop shows here before its metric suffers.
+    metrics["answers_ended"] = round(sum(ended for _, ended in generated) / len(items), 4)
     metrics["examples"] = len(items)
     metrics["examples_per_second"] = round(len(items) / max(seconds, 1e-9), 3)
-    predictions = [_prediction_row(item, answer, value) for item, answer, value in zip(items, answers, per_example)]
+    predictions = [{**_prediction_row(item, answer, value), "ended": ended}
+                   for item, (answer, ended), value in zip(items, generated, per_example)]
     return metrics, predictions
 
 

@@ -34,8 +34,11 @@ def greedy_config(model, encoder, max_new_tokens: int) -> GenerationConfig:
 
 @torch.no_grad()
 def generate(model, processor, prompts: list[Prompt], max_new_tokens: int, batch_size: int = 16,
-             quiet: bool = False) -> list[str]:
-    """Greedy, batched, left-padded generation; each answer cut at the first end-of-turn token."""
+             quiet: bool = False, with_ends: bool = False) -> list:
+    """Greedy, batched, left-padded generation; each answer cut at the first end-of-turn token.
+
+    With `with_ends`, each answer is (text, ended): whether the model ended its turn itself rather than
+    running out of max_new_tokens."""
     encoder = make_encoder(processor, max_length=10**9)
     config = greedy_config(model, encoder, max_new_tokens)
     stops = set(config.eos_token_id)
@@ -47,8 +50,9 @@ def generate(model, processor, prompts: list[Prompt], max_new_tokens: int, batch
         inputs = encoder.prompt_inputs(batch)
         inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
         output = model.generate(**inputs, generation_config=config)
-        answers += [answer_text(row, stops, encoder.tokenizer)
-                    for row in output[:, inputs["input_ids"].shape[1]:].tolist()]
+        for row in output[:, inputs["input_ids"].shape[1]:].tolist():
+            text = answer_text(row, stops, encoder.tokenizer)
+            answers.append((text, any(t in stops for t in row)) if with_ends else text)
     return answers
 
 

@@ -163,3 +163,43 @@ def test_missing_file_and_unknown_hub_dataset(tmp_path, monkeypatch):
         read_rows(str(tmp_path / "nope.jsonl"))
     with pytest.raises(DataError, match="cannot load dataset 'someone/not-a-dataset'"):
         read_rows("someone/not-a-dataset")
+
+
+def test_template_and_processor_rejections_name_the_row(folder, random_tiny, tmp_path):
+    """A template that raises (roles must alternate) is the row's problem, reported like a missing image."""
+    import shutil
+
+    from finetune.data.check import check_data
+
+    strict = tmp_path / "strict"
+    shutil.copytree(random_tiny, strict)
+    template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                "{{ raise_exception('Conversation roles must alternate user/assistant') }}{% endif %}"
+                "<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+                "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}"
+                "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (strict / "chat_template.jinja").write_text(template)
+    rows = vqa_rows() + [{"image": "img/a.png", "conversations": [
+        {"from": "human", "value": "<image>\nHi"}, {"from": "human", "value": "Hello?"}, {"from": "gpt", "value": "x"}]}]
+    path = write_jsonl(folder / "d.jsonl", rows)
+    lines = []
+    ok = check_data({"model": {"name": str(strict)}, "data": {"train": str(path), "image_root": str(folder)}},
+                    write=lines.append)
+    assert not ok
+    assert f"{path}:3: the chat template rejected the row: Conversation roles must alternate user/assistant" in lines
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_eos(random_tiny, tmp_path):
+    import shutil
+
+    from finetune.config import ModelConfig
+    from finetune.models import load_processor
+
+    no_pad = tmp_path / "no-pad"
+    shutil.copytree(random_tiny, no_pad)
+    config = json.loads((no_pad / "tokenizer_config.json").read_text())
+    config.pop("pad_token", None)
+    (no_pad / "tokenizer_config.json").write_text(json.dumps(config))
+    processor = load_processor(ModelConfig(name=str(no_pad)))
+    assert processor.tokenizer.pad_token == processor.tokenizer.eos_token == "<|im_end|>"

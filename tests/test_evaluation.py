@@ -33,7 +33,8 @@ def test_eval_of_a_run_writes_metrics_and_predictions(small_run, capsys):
     assert saved == metrics
     rows = [json.loads(line) for line in (small_run / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 16
-    assert set(rows[0]) == {"id", "prompt", "prediction", "references", "score", "images", "messages"}
+    assert set(rows[0]) == {"id", "prompt", "prediction", "references", "score", "images", "messages", "ended"}
+    assert metrics["answers_ended"] == pytest.approx(sum(r["ended"] for r in rows) / 16, abs=1e-4)
     # Per-example scores are the official per-question accuracies; their mean is the metric.
     assert [r["score"] for r in rows] == [vqa_accuracy(r["prediction"], r["references"]) for r in rows]
     assert metrics["vqa_accuracy"] == pytest.approx(sum(r["score"] for r in rows) / 16)
@@ -118,3 +119,21 @@ def test_fine_tuning_clearly_improves_held_out_vqa(tmp_path, capsys):
     after = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["vqa_accuracy"]
     assert before <= 0.1 and after >= 0.5, (before, after)
     assert f"before {before:.4f} -> after {after:.4f}" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_demo_learns_to_stop_on_ninety_one_word_answers(tmp_path):
+    """90 colour questions answered in one word: the adapter must end (nearly) every answer with <|im_end|>,
+    not run on into the base captioner's habit ("green green squares at the top ...")."""
+    from finetune.demo.synthetic import write_dataset
+
+    files = {}
+    for split, scenes in (("train", 90), ("eval", 50)):
+        rows = [json.loads(line) for line in write_dataset("vqa", split, tmp_path / split, n=scenes).open()]
+        files[split] = tmp_path / f"{split}.jsonl"
+        files[split].write_text("".join(json.dumps({**r, "image": f"{split}/{r['image']}"}) + "\n"
+                                        for r in rows if r["question_type"] == "color"))
+    train("demo/vqa", {"output_dir": str(tmp_path / "run"), "data.train": str(files["train"]),
+                       "data.eval": str(files["eval"])})
+    after = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert after["examples"] == 50 and after["answers_ended"] >= 0.95, after

@@ -417,3 +417,34 @@ def test_projector_trained_fully_loads_with_plain_peft_and_load_adapter(tmp_path
     assert "`model.multi_modal_projector`" in card and "LoRA**: none" in card
     with pytest.raises(FinetuneError, match="neither a folder nor a Hub repo id"):
         load_adapter(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_a_staged_run_loads_and_pushes_complete(random_tiny, hub, tmp_path):
+    """Stage 2 was trained on base + stage 1's projector: the run carries stage 1, so base + the run's files is
+    the model that was trained, from the folder, from the Hub, and as the card's snippet builds it."""
+    url, state = hub
+    small = {**FAST, "model.name": str(random_tiny), "train.max_steps": 2}
+    stage1 = train("demo/vqa", {**small, "output_dir": str(tmp_path / "s1"), "adapter.lora": False,
+                                "adapter.train_fully": ["projector"]})
+    stage2 = train("demo/vqa", {**small, "output_dir": str(tmp_path / "s2"), "model.adapter": str(stage1)})
+    assert (stage2 / "stages" / "01" / "adapter_model.safetensors").is_file()
+    base = AutoModelForImageTextToText.from_pretrained(random_tiny)
+    expected = PeftModel.from_pretrained(PeftModel.from_pretrained(base, str(stage1)).merge_and_unload(),
+                                         str(stage2)).eval()
+    processor = AutoProcessor.from_pretrained(stage2)
+    model, _ = load_adapter(stage2)
+    torch.testing.assert_close(logits_of(model, processor), logits_of(expected, processor), atol=1e-5, rtol=0)
+    shutil.rmtree(stage1)  # the run no longer needs the folder it was staged on
+    model, _ = load_adapter(stage2)
+    torch.testing.assert_close(logits_of(model, processor), logits_of(expected, processor), atol=1e-5, rtol=0)
+    push(stage2, "alice/staged", token=TOKEN, endpoint=url)
+    files = state["commits"][-1]["files"]
+    assert {"stages/01/adapter_config.json", "stages/01/adapter_model.safetensors"} <= set(files)
+    assert "subfolder=stage" in files["README.md"].decode()
+    downloaded = tmp_path / "download"
+    for name, data in files.items():
+        (downloaded / name).parent.mkdir(parents=True, exist_ok=True)
+        (downloaded / name).write_bytes(data)
+    model, _ = load_adapter(downloaded)
+    torch.testing.assert_close(logits_of(model, processor), logits_of(expected, processor), atol=1e-5, rtol=0)
