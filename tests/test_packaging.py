@@ -36,8 +36,9 @@ def test_a_fresh_venv_lists_and_loads_recipes_from_the_wheel(wheel, tmp_path):
     python = venv / "bin" / "python"
     # The wheel alone goes into the new venv; its dependencies are borrowed from this one through PYTHONPATH
     # (whose .pth files, among them the editable install of the checkout, are not processed there).
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
-                    "--no-index", str(wheel)], check=True, timeout=300)
+                    "--no-index", str(wheel)], check=True, timeout=300, env=clean)
     env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"], "HF_HUB_OFFLINE": "1"}
     where = subprocess.run([str(python), "-c", "import finetune; print(finetune.__file__)"], capture_output=True,
                            text=True, cwd=tmp_path, env=env, check=True)
