@@ -10,21 +10,37 @@ from peft import LoraConfig, get_peft_model
 
 from finetune.config import AdapterConfig
 from finetune.errors import ConfigError
-from finetune.parts import Parts, find_parts, linear_names
+from finetune.parts import (
+    ATTENTION_LINEARS,
+    DUAL_PROJECTIONS,
+    MLP_LINEARS,
+    Parts,
+    dual_encoder_tower,
+    find_parts,
+    is_dual_encoder,
+    linear_names,
+)
 
 log = logging.getLogger(__name__)
 
 PART_ALIASES = {"projector": "projector", "vision_tower": "vision", "vision": "vision", "lm_head": "lm_head"}
+DUAL_SCALARS = ("logit_scale", "logit_bias")  # a dual encoder's learned temperature and (SigLIP) bias
 
 
 def lora_targets(model, cfg: AdapterConfig, parts: Parts | None = None) -> list[str]:
     """Full names of the Linear layers that get LoRA.
 
     `auto`: every Linear in the projector and the language decoder (attention and MLP), plus the
-    vision tower's when `adapter.vision_tower` is on. A list: regexes searched in the full names.
+    vision tower's when `adapter.vision_tower` is on; for a dual encoder, the attention projections (and with
+    `adapter.mlp` the MLPs) of both towers, less the towers in `adapter.freeze`. A list: regexes searched in the
+    full names.
     """
-    parts = parts or find_parts(model)
     names = linear_names(model)
+    if cfg.targets == "auto" and is_dual_encoder(model):
+        layers = ATTENTION_LINEARS + (MLP_LINEARS if cfg.mlp else ())
+        return [n for n in names if n.rsplit(".", 1)[-1] in layers
+                and dual_encoder_tower(n) not in (None, *cfg.freeze)]
+    parts = parts or find_parts(model)
     if cfg.targets == "auto":
         wanted = {"projector", "decoder"} | ({"vision"} if cfg.vision_tower else set())
         return [n for n in names if parts.part_of(n) in wanted]
@@ -36,9 +52,16 @@ def lora_targets(model, cfg: AdapterConfig, parts: Parts | None = None) -> list[
 
 
 def fully_trained_modules(model, cfg: AdapterConfig, parts: Parts | None = None) -> list[str]:
-    """Module names for `adapter.train_fully` (peft's modules_to_save): part aliases or module names."""
-    parts = parts or find_parts(model)
+    """Module names for `adapter.train_fully` (peft's modules_to_save): part aliases or module names. A dual
+    encoder's projection heads are always trained fully, but for frozen towers."""
     all_names = {name for name, _ in model.named_modules()}
+    if is_dual_encoder(model):
+        heads = [name for tower, name in DUAL_PROJECTIONS.items() if name in all_names and tower not in cfg.freeze]
+        unknown = [item for item in cfg.train_fully if item not in all_names]
+        if unknown:
+            raise ConfigError(f"adapter.train_fully: {unknown[0]!r} is not a module name of this dual encoder")
+        return heads + [item for item in cfg.train_fully if item not in heads]
+    parts = parts or find_parts(model)
     chosen = []
     for item in cfg.train_fully:
         part = PART_ALIASES.get(item)
@@ -68,7 +91,8 @@ def attach_adapters(model, cfg: AdapterConfig, gradient_checkpointing: bool = Fa
         # With the frozen embeddings, checkpointed blocks would see no input that requires grad and send
         # no gradient to the adapters inside them.
         model.enable_input_require_grads()
-    parts = find_parts(model)
+    dual = is_dual_encoder(model)
+    parts = None if dual else find_parts(model)
     full = fully_trained_modules(model, cfg, parts)
     targets = lora_targets(model, cfg, parts)
     targets = [t for t in targets if not any(t == f or t.startswith(f + ".") for f in full)]
@@ -93,6 +117,12 @@ def attach_adapters(model, cfg: AdapterConfig, gradient_checkpointing: bool = Fa
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.requires_grad_(False)
+    if dual:
+        # CLIP's temperature (and SigLIP's bias) learn too; peft does not save bare parameters, so the run
+        # folder keeps them in logit_scale.safetensors (finetune.run).
+        for name in DUAL_SCALARS:
+            if getattr(model.get_base_model(), name, None) is not None:
+                getattr(model.get_base_model(), name).requires_grad_(True)
     for param in model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from finetune.demo import is_embedded_model
 from finetune.errors import FinetuneError
-from finetune.run import HUB_ID, hub_base_id, is_run_folder, read_raw_recipe
+from finetune.run import HUB_ID, SCALARS, hub_base_id, is_run_folder, read_raw_recipe
 from finetune.tasks import TASKS
 
 TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
@@ -62,10 +62,23 @@ def write_model_card(run: Path, metrics: dict | None = None, repo: str | None = 
         base_id=base or model_name, embedded=is_embedded_model(base), adapter_id=repo or str(run.resolve()),
         example_prompt=(task or TASKS["vqa"]).example_prompt,
         stages=sorted(p.parent.relative_to(run).as_posix() for p in run.glob("stages/*/adapter_config.json")),
+        dual_encoder=bool(task and task.kind == "contrastive"), has_bias=_has_bias(run),
+        template=(data.get("templates") or ["a photo of a {label}."])[0],
     )
     path = run / "README.md"
     card.save(path)
     return path
+
+
+def _has_bias(run: Path) -> bool:
+    """Whether the run trained a SigLIP-style bias (its probabilities are then per-label sigmoids)."""
+    from safetensors import safe_open
+
+    path = run / SCALARS
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="numpy") as handle:
+        return "logit_bias" in set(handle.keys())
 
 
 def _layer_patterns(targets: list[str]) -> list[tuple[str, int]]:

@@ -14,6 +14,10 @@ HELP = "type a message; /reset starts over, /quit (or Ctrl-D) ends"
 def chat(run, image: str | None, max_new_tokens: int | None = None, read=input, write=print) -> list[dict]:
     """Runs until /quit or end of input; returns the conversation. `run`: a run folder, Hub repo id or recipe."""
     model, processor, recipe, _ = open_target(run)
+    if TASKS[recipe.task].kind != "generative":
+        from finetune.errors import ConfigError
+
+        raise ConfigError(f"chat needs a generative run; a {recipe.task} run ranks texts: use finetune predict --labels")
     images = [str(Path(image).resolve())] if image else []
     limit = max_new_tokens or max(TASKS[recipe.task].max_new_tokens, 96)
     messages: list[dict] = []

@@ -27,7 +27,13 @@ def cmd_eval(args) -> None:
 def cmd_predict(args) -> None:
     from finetune.evaluation import predict
 
-    print(predict(args.run, args.image, args.prompt, args.max_new_tokens))
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()] if args.labels else None
+    answer = predict(args.run, args.image, args.prompt, args.max_new_tokens, labels=labels)
+    if labels is None:
+        print(answer)
+    else:
+        width = max(len(label) for label, _ in answer)
+        print("\n".join(f"{label:<{width}}  {probability:.4f}" for label, probability in answer))
 
 
 def cmd_chat(args) -> None:
@@ -96,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("run", help="a run folder or Hub repo id (or a recipe, for the base model)")
         p.add_argument("--image", help="image file")
         if name == "predict":
-            p.add_argument("--prompt", required=True, help="the question or instruction")
+            p.add_argument("--prompt", help="the question or instruction (generative runs)")
+            p.add_argument("--labels", help="comma-separated class names to rank for the image (retrieval runs)")
         p.add_argument("--max-new-tokens", type=int, default=None)
     data = sub.add_parser("data", help="data tools: finetune data check|show RECIPE [KEY=VALUE ...]")
     data_sub = data.add_subparsers(dest="data_command", required=True)

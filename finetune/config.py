@@ -23,7 +23,7 @@ from finetune.tasks import TASKS
 
 # Package data (the repository's recipes/ folder, installed as finetune.recipes), so wheels carry the recipes.
 RECIPES_DIR = Path(str(importlib.resources.files("finetune.recipes")))
-FORMATS = ("auto", "llava", "messages", "vqa", "caption")
+FORMATS = ("auto", "llava", "messages", "vqa", "caption", "pairs", "classification")
 # PyYAML (YAML 1.1) reads `1e-4` as a string; everyone writes learning rates that way.
 SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
@@ -76,8 +76,12 @@ class AdapterConfig:
     targets: str | list[str] = "auto"  # auto: projector + decoder linears; or module-name regexes
     vision_tower: bool = False  # also put LoRA on the vision tower's linears
     train_fully: list[str] = field(default_factory=list)  # parts or module names trained in full
+    mlp: bool = False  # dual encoders (CLIP, SigLIP): LoRA on the towers' MLPs too, not only attention
+    freeze: list[str] = field(default_factory=list)  # dual encoders: towers left as they are (vision, text)
 
     def __post_init__(self):
+        for tower in self.freeze:
+            _check_choice("adapter.freeze", tower, ("vision", "text"))
         if self.r < 1:
             raise ConfigError(f"adapter.r must be >= 1, got {self.r}")
         if not 0 <= self.dropout < 1:
@@ -100,6 +104,9 @@ class DataConfig:
     columns: dict[str, str] = field(default_factory=dict)  # our name -> your column, e.g. {question: q}
     prompt: str | None = None  # instruction for caption rows (task default when unset)
     system_prompt: str | None = None
+    # task retrieval, classification rows: class names become texts through these (one chosen per epoch in
+    # training; their embeddings averaged in zero-shot evaluation, CLIP's prompt ensembling)
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {label}."])
     split: str = "train"  # split of a Hub or saved DatasetDict for data.train
     eval_split: str | None = None  # split for data.eval (default: validation, then test)
 
@@ -109,6 +116,8 @@ class DataConfig:
         _check_choice("data.on_error", self.on_error, ("fail", "skip"))
         if self.max_length < 8:
             raise ConfigError(f"data.max_length must be at least 8, got {self.max_length}")
+        if not self.templates or any("{label}" not in t for t in self.templates):
+            raise ConfigError(f"data.templates must each contain {{label}}, got {self.templates!r}")
 
 
 @dataclass

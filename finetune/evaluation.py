@@ -39,10 +39,15 @@ class EvalItem:
         return list(self.example.messages[:-1])
 
 
-def eval_items(recipe: Recipe) -> list[EvalItem]:
-    """One item per held-out row (a caption row with several captions is scored once, against all of them)."""
+def eval_items(recipe: Recipe) -> list:
+    """One item per held-out row (a caption row with several captions is scored once, against all of them);
+    for a contrastive task, the image-text pairs (finetune.retrieval)."""
     if not recipe.data.eval:
         raise ConfigError("no evaluation data: set data.eval=FILE")
+    if TASKS[recipe.task].kind == "contrastive":
+        from finetune.retrieval import eval_pairs
+
+        return eval_pairs(recipe)
     examples, report = load_examples(recipe.data.eval, recipe.data, recipe.data.eval_split or "validation")
     if report.problems and recipe.data.on_error == "fail":
         raise DataError(report.summary() + "\n(set data.on_error=skip to drop these rows)")
@@ -59,11 +64,17 @@ def eval_items(recipe: Recipe) -> list[EvalItem]:
     return items[: recipe.eval.max_examples] if recipe.eval.max_examples else items
 
 
-def score(model, processor, items: list[EvalItem], task: Task, max_new_tokens: int | None = None,
-          batch_size: int = 16, max_length: int = 2048, quiet: bool = True) -> tuple[dict, list[dict]]:
-    """Generate an answer for every item and score it with the task's metric.
+def score(model, processor, items: list, task: Task, max_new_tokens: int | None = None,
+          batch_size: int = 16, max_length: int = 2048, quiet: bool = True,
+          templates: list[str] | None = None) -> tuple[dict, list[dict]]:
+    """Generate an answer for every item and score it with the task's metric (a contrastive task: rank texts
+    by embedding instead, finetune.retrieval).
 
     Returns (metrics, predictions): one prediction row per item with its per-example score."""
+    if task.kind == "contrastive":
+        from finetune.retrieval import score_pairs
+
+        return score_pairs(model, processor, items, templates or ["{label}"], batch_size)
     start = time.perf_counter()
     generated = generate(model, processor, [(i.prompt, list(i.example.images), i.example.root) for i in items],
                          max_new_tokens=max_new_tokens or task.max_new_tokens, batch_size=batch_size, quiet=quiet,
@@ -140,7 +151,8 @@ def open_target(target, overrides=None):
         model, processor = run.load()
         return model, processor, run.recipe, run
     recipe = load_recipe(target, overrides)
-    model, processor = load_model(recipe.model, device=inference_device())
+    model, processor = load_model(recipe.model, device=inference_device(),
+                                  dual_encoder=TASKS[recipe.task].kind == "contrastive")
     return model.eval(), processor, recipe, None
 
 
@@ -151,7 +163,8 @@ def evaluate(target, overrides: list[str] | dict | None = None, output_dir: str 
     model, processor, recipe, run = open_target(target, overrides)
     items = eval_items(recipe)
     metrics, predictions = score(model, processor, items, TASKS[recipe.task], recipe.eval.max_new_tokens,
-                                 recipe.eval.batch_size, recipe.data.max_length, quiet=quiet)
+                                 recipe.eval.batch_size, recipe.data.max_length, quiet=quiet,
+                                 templates=recipe.data.templates)
     metrics["dataset"] = recipe.data.eval
     if output_dir:
         out = Path(output_dir)
@@ -171,9 +184,20 @@ def evaluate(target, overrides: list[str] | dict | None = None, output_dir: str 
     return metrics
 
 
-def predict(run, image: str | None, prompt: str, max_new_tokens: int | None = None) -> str:
-    """One answer from a run folder, a Hub repo id or a recipe (the base model) for one image and prompt."""
+def predict(run, image: str | None, prompt: str | None = None, max_new_tokens: int | None = None,
+            labels: list[str] | None = None):
+    """One answer from a run folder, a Hub repo id or a recipe (the base model) for one image and prompt; for a
+    retrieval run, the `labels` ranked for the image as [(label, probability), ...], best first."""
     model, processor, recipe, _ = open_target(run)
+    if TASKS[recipe.task].kind == "contrastive":
+        from finetune.data.images import open_image
+        from finetune.retrieval import rank_labels
+
+        if not image or labels is None:
+            raise ConfigError("a retrieval run ranks labels for an image: give --image PATH --labels 'cat,dog,...'")
+        return rank_labels(model, processor, open_image(image, Path.cwd()), labels, recipe.data.templates)
+    if labels is not None or not prompt:
+        raise ConfigError(f"a {recipe.task} run answers a question: give --prompt TEXT (--labels is for retrieval runs)")
     content = ("<image>\n" if image else "") + prompt
     images = [str(Path(image).resolve())] if image else []
     return generate(model, processor, [([{"role": "user", "content": content}], images, Path.cwd())],

@@ -7,12 +7,17 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from finetune.config import ModelConfig
 from finetune.demo import resolve_model
 from finetune.errors import ConfigError, FinetuneError
-from finetune.parts import find_parts, linear_names
+from finetune.parts import DUAL_PROJECTIONS, find_parts, linear_names
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +46,14 @@ def load_processor(cfg: ModelConfig):
     return processor
 
 
-def load_model(cfg: ModelConfig, device: str | torch.device | None = None, sharded: bool = False):
+def load_model(cfg: ModelConfig, device: str | torch.device | None = None, sharded: bool = False,
+               dual_encoder: bool = False):
     """(model, processor) for a recipe's model section; the model is frozen, ready for adapters.
 
     `device=None` leaves placement to the caller (the Trainer moves the model); 4-bit weights are always
     placed on this process's GPU when there is one, since bitsandbytes quantizes them while loading.
     `sharded`: FSDP will shard the model, so 4-bit weights are stored in the compute dtype (FSDP shards one dtype).
+    `dual_encoder`: a CLIP-style model (AutoModel) for a contrastive task, instead of a vision-language model.
     """
     name = resolve_model(cfg.name)
     processor = load_processor(cfg)
@@ -55,13 +62,14 @@ def load_model(cfg: ModelConfig, device: str | torch.device | None = None, shard
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.quantization == "4bit":
-        kwargs["quantization_config"] = nf4_config(name, cfg, dtype, storage=dtype if sharded else None)
+        kwargs["quantization_config"] = nf4_config(name, cfg, dtype, storage=dtype if sharded else None,
+                                                   dual_encoder=dual_encoder)
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": _local_device()}
     elif device is not None:
         kwargs["device_map"] = {"": device}
     with _clear_load_errors(name):
-        model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+        model = (AutoModel if dual_encoder else AutoModelForImageTextToText).from_pretrained(name, **kwargs)
     model.requires_grad_(False)
     return model, processor
 
@@ -71,7 +79,8 @@ def inference_device() -> str:
     return f"cuda:{_local_device()}" if torch.cuda.is_available() else "cpu"
 
 
-def nf4_config(name: str, cfg: ModelConfig, compute_dtype: torch.dtype, storage: torch.dtype | None = None):
+def nf4_config(name: str, cfg: ModelConfig, compute_dtype: torch.dtype, storage: torch.dtype | None = None,
+               dual_encoder: bool = False):
     """NF4 + double quantization for the language decoder only.
 
     transformers 5 matches `llm_int8_skip_modules` from the start of the full module name or as a
@@ -92,15 +101,20 @@ def nf4_config(name: str, cfg: ModelConfig, compute_dtype: torch.dtype, storage:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
         bnb_4bit_quant_storage=storage or torch.uint8,
-        llm_int8_skip_modules=modules_kept_unquantized(name, cfg),
+        llm_int8_skip_modules=modules_kept_unquantized(name, cfg, dual_encoder),
     )
 
 
-def modules_kept_unquantized(name: str, cfg: ModelConfig) -> list[str]:
+def modules_kept_unquantized(name: str, cfg: ModelConfig, dual_encoder: bool = False) -> list[str]:
+    """Full names of the Linears that stay 16-bit: everything outside the language decoder; for a dual encoder,
+    its projection heads (the towers themselves are quantized)."""
     with _clear_load_errors(name):
         config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    auto = AutoModel if dual_encoder else AutoModelForImageTextToText
     with torch.device("meta"):
-        skeleton = AutoModelForImageTextToText.from_config(config, trust_remote_code=cfg.trust_remote_code)
+        skeleton = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    if dual_encoder:
+        return [n for n in linear_names(skeleton) if n.rsplit(".", 1)[-1] in DUAL_PROJECTIONS.values()]
     parts = find_parts(skeleton)
     return [n for n in linear_names(skeleton) if parts.part_of(n) != "decoder"]
 

@@ -53,6 +53,27 @@ def find_parts(model: nn.Module) -> Parts:
     return Parts(decoder=decoder, projectors=projectors, lm_head=lm_head, vision=vision)
 
 
+# Dual encoders (CLIPModel, SiglipModel, Siglip2Model): two towers side by side, no decoder.
+DUAL_TOWERS = {"vision": "vision_model", "text": "text_model"}
+DUAL_PROJECTIONS = {"vision": "visual_projection", "text": "text_projection"}  # CLIP's heads (SigLIP has none)
+ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj")
+MLP_LINEARS = ("fc1", "fc2")
+
+
+def is_dual_encoder(model: nn.Module) -> bool:
+    """A contrastive image-text model: embeds both modalities and compares them with a learned scale."""
+    return all(hasattr(model, name) for name in ("get_text_features", "get_image_features", "logit_scale"))
+
+
+def dual_encoder_tower(module_name: str) -> str | None:
+    """`vision` or `text` for a module inside one of a dual encoder's towers or heads, else None."""
+    parts = module_name.split(".")
+    for tower, name in DUAL_TOWERS.items():
+        if name in parts or DUAL_PROJECTIONS[tower] in parts:
+            return tower
+    return None
+
+
 def linear_names(model: nn.Module) -> list[str]:
     """Names of every nn.Linear (bitsandbytes' Linear4bit is one) in the model."""
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]

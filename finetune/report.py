@@ -59,7 +59,7 @@ def write_report(run: str | Path, report_examples: int | None = None) -> Path:
         "task": task,
         "summary": summary(run, recipe, state, _json(run / "run_info.json")),
         "charts": charts(history),
-        "metrics": metrics_table(before, after, TASKS[task].headline if task in TASKS else None, after_label),
+        "metrics": metrics_table(before, after, _headline(task, after or before or {}), after_label),
         "dataset": (after or before or {}).get("dataset"),
         "gallery": gallery,
         "predictions_source": predictions_dir.relative_to(run).as_posix() if predictions_dir else None,
@@ -283,6 +283,10 @@ def _plot(title: str, lines: list[tuple]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- metrics
+
+def _headline(task: str | None, metrics: dict) -> str | None:
+    return TASKS[task].headline_in(metrics) if task in TASKS else None
+
 
 def metrics_table(before: dict | None, after: dict | None, headline: str | None,
                   after_label: str = "after training") -> dict | None:

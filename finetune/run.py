@@ -19,10 +19,11 @@ from finetune.errors import FinetuneError
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")  # peft
 STAGES = "stages"  # a staged run's earlier adapters, bundled so the run loads complete from anywhere
+SCALARS = "logit_scale.safetensors"  # a dual encoder's trained temperature (and bias): peft saves no bare parameters
 # A run's shareable files: what push uploads and what a download fetches (never checkpoints, eval folders,
 # optimizer or trainer internals).
 RUN_FILES = (
-    *ADAPTER_FILES, *(f"{STAGES}/*/{name}" for name in ADAPTER_FILES),
+    *ADAPTER_FILES, SCALARS, *(f"{STAGES}/*/{name}" for name in (*ADAPTER_FILES, SCALARS)),
     "*.jinja", "chat_template.json", "*processor_config.json", "tokenizer*", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "*.model",  # processor
     "recipe.yaml", "README.md",
@@ -99,10 +100,17 @@ class Run:
 
         from finetune.models import inference_device, load_model
 
-        model, _ = load_model(self.recipe.model, device=device or inference_device())
+        model, _ = load_model(self.recipe.model, device=device or inference_device(), dual_encoder=self.dual_encoder)
         *earlier, own = self.adapter_chain()
         model = PeftModel.from_pretrained(fold(model, earlier), str(own)).eval()
+        load_scalars(model.get_base_model(), own)
         return model, self.processor()
+
+    @property
+    def dual_encoder(self) -> bool:
+        from finetune.tasks import TASKS
+
+        return TASKS[self.recipe.task].kind == "contrastive"
 
     def merge(self, out) -> Path:
         """Fold the adapter into the base weights and save a standalone model + processor to `out`.
@@ -117,7 +125,7 @@ class Run:
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise FinetuneError(f"{out} already exists and is not empty; choose a new folder for the merged model")
-        model, _ = load_model(replace(self.recipe.model, quantization="none"))
+        model, _ = load_model(replace(self.recipe.model, quantization="none"), dual_encoder=self.dual_encoder)
         model = fold(model, self.adapter_chain())
         model.save_pretrained(out)  # transformers 5 always writes safetensors
         self.processor().save_pretrained(out)  # chat template included
@@ -130,7 +138,28 @@ def fold(model, adapters: list[Path]):
 
     for folder in adapters:
         model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+        load_scalars(model, folder)
     return model
+
+
+def save_scalars(model, out: Path) -> None:
+    """A dual encoder's logit_scale (and SigLIP's logit_bias), which training changed and peft does not save."""
+    from safetensors.torch import save_file
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    tensors = {name: getattr(base, name).detach().float().cpu().reshape(-1).contiguous()
+               for name in ("logit_scale", "logit_bias") if getattr(base, name, None) is not None}
+    if tensors:
+        save_file(tensors, str(Path(out) / SCALARS))
+
+
+def load_scalars(model, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    if (Path(folder) / SCALARS).is_file():
+        for name, value in load_file(str(Path(folder) / SCALARS)).items():
+            parameter = getattr(model, name)
+            parameter.data.copy_(value.reshape(parameter.shape).to(parameter.dtype))
 
 
 def fold_earlier_runs(model, recipe: Recipe):
@@ -147,7 +176,7 @@ def bundle_earlier_runs(recipe: Recipe, out: Path) -> None:
     for number, folder in enumerate(Run.open(recipe.model.adapter).adapter_chain(), start=1):
         stage = out / STAGES / f"{number:02d}"
         stage.mkdir(parents=True, exist_ok=True)
-        for name in ADAPTER_FILES:
+        for name in (*ADAPTER_FILES, SCALARS):
             if (folder / name).is_file():
                 shutil.copy2(folder / name, stage / name)
 

@@ -24,6 +24,14 @@ class Task:
     pipeline_tag: str = "image-text-to-text"  # the Hub's pipeline tag for the model card
     prompt: str | None = None  # the instruction for rows that carry none (caption rows)
     right_at: float = RIGHT_AT  # per-example score from which the report counts an answer as right
+    # generative: a vision-language model answers (generation, chat templates); contrastive: a dual encoder
+    # (CLIP, SigLIP) embeds images and texts (finetune.retrieval scores it, `score` is unused)
+    kind: str = "generative"
+    also_headline: str | None = None  # the headline when eval data gives no `headline` (retrieval: labelled images)
+
+    def headline_in(self, metrics: dict) -> str:
+        """The metric to print and select checkpoints by, among those this evaluation produced."""
+        return self.headline if self.headline in metrics or not self.also_headline else self.also_headline
 
 
 def _score_vqa(predictions, references, types):
@@ -48,6 +56,10 @@ def _score_dialogue(predictions, references, types):
     return {"ROUGE-L": mean}, each
 
 
+def _score_by_embedding(predictions, references, types):
+    raise TypeError("a contrastive task is scored on embeddings: finetune.retrieval.score_pairs")
+
+
 TASKS = {
     "vqa": Task("vqa", max_new_tokens=16, headline="vqa_accuracy", score=_score_vqa,
                 eval_task_type="visual-question-answering", example_prompt="What is in the image?"),
@@ -56,4 +68,10 @@ TASKS = {
                     prompt="Describe the image briefly.", right_at=1.0),  # CIDEr-D per caption (can exceed 1)
     "dialogue": Task("dialogue", max_new_tokens=96, headline="ROUGE-L", score=_score_dialogue,
                      eval_task_type="image-text-to-text", example_prompt="Tell me about this image."),
+    # Image-text retrieval and zero-shot classification with a dual encoder: mean_recall on caption pairs,
+    # zeroshot_top1 on labelled images.
+    "retrieval": Task("retrieval", max_new_tokens=0, headline="mean_recall", score=_score_by_embedding,
+                      eval_task_type="zero-shot-image-classification", example_prompt="a photo of a cat.",
+                      pipeline_tag="zero-shot-image-classification", kind="contrastive",
+                      also_headline="zeroshot_top1"),
 }

@@ -14,19 +14,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch.utils.data import RandomSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from finetune.adapters import attach_adapters
 from finetune.config import Recipe, load_recipe, parse_overrides, save_recipe
+from finetune.contrastive import clamp_logit_scale, dual_encoder_loss
 from finetune.data.collate import Collator
 from finetune.data.dataset import build_dataset
 from finetune.data.encode import make_encoder
+from finetune.data.pairs import PairCollator, build_pairs
 from finetune.errors import ConfigError, FinetuneError
 from finetune.evaluation import EvalItem, eval_items, score, write_results
 from finetune.models import choose_dtype, load_model
 from finetune.report import refresh_report
-from finetune.run import bundle_earlier_runs, fold_earlier_runs
+from finetune.run import bundle_earlier_runs, fold_earlier_runs, save_scalars
 from finetune.run_info import write_run_info
 from finetune.tasks import TASKS
 
@@ -65,25 +68,21 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     args = training_arguments(recipe)
 
     set_seed(args.seed)  # LoRA's initial weights too, so two runs of one recipe are the same run
-    model, processor = load_model(recipe.model, sharded=sharded(args))
+    contrastive = TASKS[recipe.task].kind == "contrastive"
+    model, processor = load_model(recipe.model, sharded=sharded(args), dual_encoder=contrastive)
     model = fold_earlier_runs(model, recipe)  # staged training: earlier stages merged into the base
     model = attach_adapters(model, recipe.adapter, gradient_checkpointing=bool(args.activation_checkpointing))
-    encoder = make_encoder(processor, recipe.data.max_length, dtype=model.dtype)
-    show = args.process_index == 0
-    train_set, _ = build_dataset(recipe.data.train, recipe.data, encoder, recipe.data.split, progress=show)
-    eval_set = None
-    if recipe.data.eval:
-        eval_split = recipe.data.eval_split or "validation"
-        eval_set, _ = build_dataset(recipe.data.eval, recipe.data, encoder, eval_split, progress=show)
+    train_set, eval_set, collator = datasets(recipe, processor, model.dtype, progress=args.process_index == 0)
     log.info("training on %d examples%s", len(train_set), f", evaluating on {len(eval_set)}" if eval_set else "")
     compare = recipe.eval.before_after and recipe.data.eval and args.world_size == 1
     during = args.eval_strategy != "no" and not _task_metric_impossible(args)
     items = eval_items(recipe) if compare or during else None  # read once, scored as often as asked
 
-    trainer = FinetuneTrainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=Collator(encoder.pad_token_id), processing_class=processor,
-        callbacks=[StopOnNonFiniteLoss(), *(callbacks or [])], recipe=recipe, eval_items=items,
+    extra = [ClampLogitScale()] if contrastive else []
+    trainer = (ContrastiveTrainer if contrastive else FinetuneTrainer)(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
+        processing_class=processor, callbacks=[StopOnNonFiniteLoss(), *extra, *(callbacks or [])], recipe=recipe,
+        eval_items=items,
     )
     out = Path(args.output_dir)
     before = _score(recipe, model, processor, items, out / "eval-before") if compare else None
@@ -93,13 +92,15 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     trainer.save_model(str(out))  # adapter_config.json + adapter_model.safetensors (+ processor files)
     if trainer.is_world_process_zero():
         processor.save_pretrained(str(out))
+        if contrastive:
+            save_scalars(trainer.model, out)
         save_recipe(recipe, out / "recipe.yaml")
         bundle_earlier_runs(recipe, out)
         trainer.save_state()
         write_run_info(out, trainer.model, started, time.time() - started.timestamp(), args.world_size)
         if compare:
             after = _score(recipe, trainer.model, processor, items, out / "eval")
-            headline = TASKS[recipe.task].headline
+            headline = TASKS[recipe.task].headline_in(after)
             print(f"held-out {headline}: before {before[headline]:.4f} -> after {after[headline]:.4f} "
                   f"({after['examples']} examples of {recipe.data.eval})")
         from finetune.card import write_model_card
@@ -110,10 +111,24 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     return out
 
 
+def datasets(recipe: Recipe, processor, dtype, progress: bool = True):
+    """(train set, eval set or None, collator): chat examples checked and encoded by the model's processor, or
+    for a contrastive task image-text pairs."""
+    data, eval_split = recipe.data, recipe.data.eval_split or "validation"
+    if TASKS[recipe.task].kind == "contrastive":
+        train_set, _ = build_pairs(data.train, data, data.split, progress)
+        eval_set = build_pairs(data.eval, data, eval_split, progress)[0] if data.eval else None
+        return train_set, eval_set, PairCollator(processor)
+    encoder = make_encoder(processor, data.max_length, dtype=dtype)
+    train_set, _ = build_dataset(data.train, data, encoder, data.split, progress=progress)
+    eval_set = build_dataset(data.eval, data, encoder, eval_split, progress=progress)[0] if data.eval else None
+    return train_set, eval_set, Collator(encoder.pad_token_id)
+
+
 def _score(recipe: Recipe, model, processor, items: list[EvalItem], out: Path, write: bool = True) -> dict:
     model.eval()
     metrics, predictions = score(model, processor, items, TASKS[recipe.task], recipe.eval.max_new_tokens,
-                                 recipe.eval.batch_size, recipe.data.max_length)
+                                 recipe.eval.batch_size, recipe.data.max_length, templates=recipe.data.templates)
     metrics["dataset"] = recipe.data.eval
     model.train()
     if write:
@@ -219,10 +234,31 @@ class FinetuneTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+        if self.args.train_sampling_strategy == "group_by_length":
+            if not hasattr(dataset, "lengths"):  # image-text pairs: every text is padded to one length anyway
+                return RandomSampler(dataset)
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
             return LengthGroupedSampler(batch, lengths=dataset.lengths)
         return super()._get_train_sampler(train_dataset)
+
+
+class ContrastiveTrainer(FinetuneTrainer):
+    """A dual encoder's loss: CLIP's InfoNCE or SigLIP's sigmoid loss over the whole batch (across processes)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = dual_encoder_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            return dual_encoder_loss(model, self._prepare_inputs(inputs)).detach(), None, None
+
+
+class ClampLogitScale(TrainerCallback):
+    """CLIP keeps its temperature at most 100 (logit_scale <= ln 100) after every optimizer step."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        clamp_logit_scale(model)
 
 
 class StopOnNonFiniteLoss(TrainerCallback):

@@ -8,13 +8,13 @@ from finetune.errors import ConfigError
 def test_every_shipped_recipe_loads(path):
     recipe = load_recipe(path)
     assert recipe.data.train and recipe.description
-    assert recipe.task in ("vqa", "caption", "dialogue")
+    assert recipe.task in ("vqa", "caption", "dialogue", "retrieval")
 
 
 def test_shipped_recipes_cover_the_tasks():
     names = {p.relative_to(p.parents[1] if p.parent.name == "demo" else p.parent).as_posix() for p in shipped_recipes()}
-    for name in ("vqa.yaml", "captioning.yaml", "dialogue.yaml", "demo/vqa.yaml", "demo/captioning.yaml",
-                 "demo/dialogue.yaml"):
+    for name in ("vqa.yaml", "captioning.yaml", "dialogue.yaml", "retrieval.yaml", "classification.yaml",
+                 "demo/vqa.yaml", "demo/captioning.yaml", "demo/dialogue.yaml", "demo/retrieval.yaml"):
         assert name in names
 
 

@@ -9,6 +9,7 @@ from finetune.data.dataset import Report, _reason_kind, check_examples
 from finetune.data.encode import make_encoder
 from finetune.errors import ConfigError
 from finetune.models import load_processor
+from finetune.tasks import TASKS
 
 
 def check_data(recipe, overrides=None, write=print) -> bool:
@@ -16,15 +17,21 @@ def check_data(recipe, overrides=None, write=print) -> bool:
     recipe = load_recipe(recipe, overrides)
     if not recipe.data.train and not recipe.data.eval:
         raise ConfigError("nothing to check: set data.train and/or data.eval")
+    contrastive = TASKS[recipe.task].kind == "contrastive"
     # Only the processor is needed (tokenizer, chat template, image processor): no model weights load.
-    encoder = make_encoder(load_processor(recipe.model), recipe.data.max_length)
+    encoder = None if contrastive else make_encoder(load_processor(recipe.model), recipe.data.max_length)
     cfg = recipe.data
     ok = True
     for spec, split in ((cfg.train, cfg.split), (cfg.eval, cfg.eval_split or "validation")):
         if not spec:
             continue
         relaxed = type(cfg)(**{**cfg.__dict__, "on_too_long": "drop"})
-        _, _, report = check_examples(spec, relaxed, encoder, split)
+        if contrastive:  # image-text pairs: every image opened, texts are truncated to the text tower's length
+            from finetune.data.pairs import check_pairs
+
+            _, report = check_pairs(spec, cfg, split)
+        else:
+            _, _, report = check_examples(spec, relaxed, encoder, split)
         problems = report.problems + [(loc, f"too long for data.max_length={cfg.max_length} ({length} tokens)")
                                       for loc, length in report.too_long]
         for location, reason in problems:

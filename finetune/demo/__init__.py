@@ -10,7 +10,7 @@ from importlib import import_module
 from pathlib import Path
 
 # Embedded checkpoint name -> "module:function" returning its cached folder (built on first use).
-EMBEDDED_MODELS = {"tiny-llava": "finetune.demo.tiny:tiny_llava_path"}
+EMBEDDED_MODELS = {"tiny-llava": "finetune.demo.tiny:tiny_llava_path", "tiny-clip": "finetune.demo.tiny_clip:tiny_clip_path"}
 SYNTHETIC_PREFIX = "synthetic:"
 
 

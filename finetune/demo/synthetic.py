@@ -40,7 +40,7 @@ POSITIONS = ("left", "right", "top", "bottom")
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 SIZE_RANGE = (12, 13)  # narrow, so that the coloured area never mimics another count
 
-KINDS = ("vqa", "caption", "dialogue")
+KINDS = ("vqa", "caption", "dialogue", "classification")  # classification: the shapes' colour as the label
 SPLITS = ("train", "eval")
 # 500 training scenes (2000 VQA rows): with 200, a 3-epoch LoRA gets colour,
 # shape and position right but generalises poorly on counts (~0.88 overall).
@@ -186,6 +186,8 @@ def write_dataset(kind: str, split: str, out_dir: str | os.PathLike, n: int, see
             ]
         elif kind == "caption":
             rows.append({"id": name, "image": image, "caption": scene.caption()})
+        elif kind == "classification":
+            rows.append({"id": name, "image": image, "label": scene.color})
         else:
             conversations = []
             for turn, (user, assistant) in enumerate(scene.dialogue(dialogue_rng)):

@@ -6,6 +6,9 @@
   pycocoevalcap's scorers, with a pure-Python PTB-style tokenizer
   (:func:`coco_tokenize`) instead of the Java one.
 * :func:`rouge_l` / :func:`dialogue_metrics`: COCO ROUGE-L for free-form text.
+* :func:`retrieval_metrics` / :func:`zeroshot_metrics`: image-text recall@1/5/10
+  both ways (every caption of an image counts) and zero-shot top-1/top-5, as
+  CLIP_benchmark computes them.
 
 pycocoevalcap is imported only when a caption metric is computed.
 """
@@ -17,6 +20,7 @@ from .captioning import (
     rouge_l,
     rouge_l_with_scores,
 )
+from .retrieval import retrieval_metrics, zeroshot_metrics
 from .text import coco_tokenize
 from .vqa import normalize_vqa_answer, vqa_accuracy, vqa_accuracy_by_type
 
@@ -26,8 +30,10 @@ __all__ = [
     "coco_tokenize",
     "dialogue_metrics",
     "normalize_vqa_answer",
+    "retrieval_metrics",
     "rouge_l",
     "rouge_l_with_scores",
     "vqa_accuracy",
     "vqa_accuracy_by_type",
+    "zeroshot_metrics",
 ]
