@@ -11,7 +11,8 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 def test_notebooks_are_stored_without_outputs():
-    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "custom_dataset.ipynb", "publish.ipynb"}
+    assert {p.name for p in NOTEBOOKS} >= {"quickstart.ipynb", "custom_dataset.ipynb", "publish.ipynb",
+                                         "retrieval.ipynb"}
     for path in NOTEBOOKS:
         cells = nbformat.read(path, as_version=4).cells
         assert all(not c.get("outputs") and not c.get("execution_count") for c in cells if c.cell_type == "code")
@@ -29,3 +30,6 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
         assert "missing.png" in text and "all rows usable: False" in text
     if path.stem == "quickstart":
         assert "held-out vqa_accuracy: before" in text
+    if path.stem == "retrieval":
+        assert "held-out mean_recall: before" in text and "zero-shot top-1: base" in text and "CLIPModel" in str(
+            notebook.cells[-1].outputs)
