@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from dual_encoders import build_clip, build_siglip
+from dual_encoders import build_clip, build_siglip, build_siglip2
 from PIL import Image
 from transformers import AutoModel
 
@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (215, 35, 35), "green": (30, 155, 50), "blue": (35, 70, 215), "yellow": (235, 205, 25)}
 
 
-@pytest.fixture(scope="module", params=["clip", "siglip"])
+@pytest.fixture(scope="module", params=["clip", "siglip", "siglip2"])
 def folder(request, tmp_path_factory):
-    build = build_clip if request.param == "clip" else build_siglip
+    build = {"clip": build_clip, "siglip": build_siglip, "siglip2": build_siglip2}[request.param]
     return build(tmp_path_factory.mktemp(request.param))
 
 
@@ -187,3 +187,29 @@ def test_the_demo_raises_recall_and_zero_shot_accuracy_and_the_cli_ranks_labels(
     assert sorted(label for label, _ in ranked) == sorted(["red", "green", "blue", "yellow", "purple", "orange"])
     assert sum(float(p) for _, p in ranked) == pytest.approx(1.0, abs=1e-3)  # CLIP: a softmax over the labels
     assert [float(p) for _, p in ranked] == sorted((float(p) for _, p in ranked), reverse=True)
+
+
+def test_card_resume_and_push(folder, data, tmp_path):
+    import re
+
+    from huggingface_hub import ModelCard
+
+    from finetune import train
+    from finetune.card import write_model_card
+    from finetune.hub import shared_files
+
+    common = {**recipe(folder, data, tmp_path / "run"), "eval": {"before_after": True, "batch_size": 5}}
+    common["train"] = {**common["train"], "max_steps": 4, "save_strategy": "steps", "save_steps": 2}
+    run = train(common)
+    card = ModelCard.load(write_model_card(run))
+    assert card.data.pipeline_tag == "zero-shot-image-classification" and "retrieval" in card.data.tags
+    assert {r.metric_name for r in card.data.eval_results} >= {"mean_recall", "text_retrieval_recall@1"}
+    assert "logit_scale.safetensors" in shared_files(run)  # push uploads the trained temperature
+    code = re.search(r"```python\n(.*?)```", card.text, re.DOTALL).group(1)
+    code = re.sub(r'^base_id = .*$', f'base_id = "{folder}"', code, count=1, flags=re.MULTILINE)
+    namespace = {}
+    exec(compile(code, "model-card-snippet", "exec"), namespace)  # noqa: S102 - our own card
+    assert len(namespace["probabilities"]) == 3  # the snippet ranks its labels
+    resumed = train({**common, "train": {**common["train"], "max_steps": 6, "resume_from_checkpoint": True}})
+    state = json.loads((resumed / "trainer_state.json").read_text())
+    assert state["global_step"] == 6 and [e["step"] for e in state["log_history"] if "loss" in e] == list(range(1, 7))
