@@ -14,7 +14,6 @@ visual questions, which is a realistic base for a VQA LoRA fine-tune.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from finetune.demo import synthetic
+from finetune.demo import pretraining, synthetic
 from finetune.demo.cache import cache_dir, cached_build
 
 logger = logging.getLogger(__name__)
@@ -248,7 +247,7 @@ def pretrain(model, processor, seed: int = 0) -> None:
     _pretrain_vision(model, captions["pixel_values"], scenes, gen)
 
     params = list(model.parameters())
-    opt, sched = _optimizer(params, cfg["lr"], cfg["steps"])
+    opt, sched = pretraining.optimizer(params, cfg["lr"], cfg["steps"], TRAIN["warmup"])
     model.train()
     start = time.time()
     for step in range(cfg["steps"]):
@@ -259,7 +258,7 @@ def pretrain(model, processor, seed: int = 0) -> None:
         else:
             rows = torch.randint(len(scenes), (cfg["batch"],), generator=gen)
             loss = model(**{k: v[rows] for k, v in captions.items()}).loss
-        _step(loss, params, opt, sched)
+        pretraining.step(loss, params, opt, sched)
         if step % 100 == 0 or step == cfg["steps"] - 1:
             logger.info("caption pre-training step %d: loss %.3f (%.0fs)", step, loss.item(), time.time() - start)
 
@@ -281,7 +280,7 @@ def _pretrain_vision(model, pixel_values, scenes, gen) -> None:
     tower = model.model.vision_tower
     heads = torch.nn.ModuleDict({a: torch.nn.Linear(tower.config.hidden_size, len(v)) for a, v in values.items()})
     params = [*tower.parameters(), *heads.parameters()]
-    opt, sched = _optimizer(params, cfg["vision_lr"], cfg["vision_steps"])
+    opt, sched = pretraining.optimizer(params, cfg["vision_lr"], cfg["vision_steps"], TRAIN["warmup"])
     start = time.time()
     for step in range(cfg["vision_steps"]):
         rows = torch.randint(len(scenes), (cfg["batch"],), generator=gen)
@@ -290,7 +289,7 @@ def _pretrain_vision(model, pixel_values, scenes, gen) -> None:
         # is in its own features: that is what the decoder's attention can read.
         pooled = tokens.mean(1)
         losses = {a: torch.nn.functional.cross_entropy(head(pooled), targets[a][rows]) for a, head in heads.items()}
-        _step(sum(losses.values()), params, opt, sched)
+        pretraining.step(sum(losses.values()), params, opt, sched)
         if step % 200 == 0 or step == cfg["vision_steps"] - 1:
             shown = " ".join(f"{a} {v.item():.3f}" for a, v in losses.items())
             logger.info("vision pre-training step %d: %s (%.0fs)", step, shown, time.time() - start)
@@ -329,24 +328,6 @@ def _text_examples(tokenizer, scenes, rng: random.Random, length: int = 32):
     input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (width - len(x)) for x, _ in rows])
     labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in rows])
     return input_ids, labels
-
-
-def _optimizer(params, lr: float, steps: int):
-    """AdamW with linear warm-up and cosine decay: stable for from-scratch transformers."""
-    warmup = TRAIN["warmup"]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
-    return opt, schedule
-
-
-def _step(loss, params, opt, schedule) -> None:
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    schedule.step()
-    opt.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()

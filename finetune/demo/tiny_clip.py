@@ -37,7 +37,7 @@ from transformers import (
 )
 
 from finetune.contrastive import dual_encoder_loss, embed_images, embed_texts
-from finetune.demo import synthetic
+from finetune.demo import pretraining, synthetic
 from finetune.demo.cache import cache_dir, cached_build
 from finetune.metrics.retrieval import retrieval_metrics, zeroshot_metrics
 
@@ -176,12 +176,12 @@ def pretrain(model: CLIPModel, processor: CLIPProcessor, seed: int = 0) -> None:
     if cfg["vision_steps"]:
         _pretrain_vision(model, batch["pixel_values"], scenes, gen)
     params = list(model.parameters())
-    opt, sched = _optimizer(params, cfg["lr"], cfg["steps"])
+    opt, sched = pretraining.optimizer(params, cfg["lr"], cfg["steps"], TRAIN["warmup"])
     start = time.time()
     for step in range(cfg["steps"]):
         rows = torch.randint(len(scenes), (cfg["batch"],), generator=gen)
         loss = dual_encoder_loss(model, {k: v[rows] for k, v in batch.items()})
-        _step(loss, params, opt, sched)
+        pretraining.step(loss, params, opt, sched)
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
         if step % 100 == 0 or step == cfg["steps"] - 1:
@@ -200,33 +200,16 @@ def _pretrain_vision(model, pixel_values, scenes, gen) -> None:
     targets = {a: torch.tensor([v.index(getattr(s, a)) for s in scenes]) for a, v in values.items()}
     heads = torch.nn.ModuleDict({a: torch.nn.Linear(PROJECTION, len(v)) for a, v in values.items()})
     params = [*model.vision_model.parameters(), *model.visual_projection.parameters(), *heads.parameters()]
-    opt, sched = _optimizer(params, cfg["vision_lr"], cfg["vision_steps"])
+    opt, sched = pretraining.optimizer(params, cfg["vision_lr"], cfg["vision_steps"], TRAIN["warmup"])
     start = time.time()
     for step in range(cfg["vision_steps"]):
         rows = torch.randint(len(scenes), (cfg["batch"],), generator=gen)
         features = model.get_image_features(pixel_values=pixel_values[rows]).pooler_output
         losses = {a: torch.nn.functional.cross_entropy(head(features), targets[a][rows]) for a, head in heads.items()}
-        _step(sum(losses.values()), params, opt, sched)
+        pretraining.step(sum(losses.values()), params, opt, sched)
         if step % 100 == 0 or step == cfg["vision_steps"] - 1:
             shown = " ".join(f"{a} {v.item():.3f}" for a, v in losses.items())
             logger.info("vision pre-training step %d: %s (%.0fs)", step, shown, time.time() - start)
-
-
-def _optimizer(params, lr: float, steps: int):
-    """AdamW with linear warm-up and cosine decay: stable for from-scratch transformers."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / TRAIN["warmup"]) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
-    return opt, schedule
-
-
-def _step(loss, params, opt, schedule) -> None:
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    schedule.step()
-    opt.zero_grad(set_to_none=True)
 
 
 # --- held-out scores (tests, demos) -----------------------------------------------
