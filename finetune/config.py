@@ -21,8 +21,16 @@ import yaml
 from finetune.errors import ConfigError
 from finetune.tasks import TASKS
 
-# Package data (the repository's recipes/ folder, installed as finetune.recipes), so wheels carry the recipes.
-RECIPES_DIR = Path(str(importlib.resources.files("finetune.recipes")))
+def _recipes_dir() -> Path:
+    """Package data (the repository's recipes/ folder, installed as finetune.recipes), so wheels carry the recipes;
+    a source checkout used without installing it reads the folder itself."""
+    try:
+        return Path(str(importlib.resources.files("finetune.recipes")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 FORMATS = ("auto", "llava", "messages", "vqa", "caption", "pairs", "classification")
 # PyYAML (YAML 1.1) reads `1e-4` as a string; everyone writes learning rates that way.
 SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
