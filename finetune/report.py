@@ -49,10 +49,14 @@ def write_report(run: str | Path, report_examples: int | None = None) -> Path:
     predictions_dir = _predictions_dir(run)
     after = _json((predictions_dir or run / "eval") / "metrics.json")
     before = _json(run / "eval-before" / "metrics.json")
+    datasets = {(m or {}).get("dataset") for m in (before, after)}
+    same_data = not (before and after) or None in datasets or len(datasets) == 1
+    if not same_data:  # a later `finetune eval` on other data: the base's scores are not comparable
+        before = None
     after_label = ("after training" if predictions_dir is None or predictions_dir.name == "eval"
                    else f"at step {predictions_dir.name.removeprefix('eval-step-')}")
     rows = _jsonl(predictions_dir / "predictions.jsonl") if predictions_dir else []
-    before_rows = {r.get("id"): r for r in _jsonl(run / "eval-before" / "predictions.jsonl")}
+    before_rows = {r.get("id"): r for r in _jsonl(run / "eval-before" / "predictions.jsonl")} if same_data else {}
     gallery = build_gallery(rows, before_rows, right_at(task), report_examples)
     context = {
         "title": run.resolve().name,

@@ -271,3 +271,16 @@ def test_training_and_eval_write_the_report(tmp_path):
     (run / "report.html").unlink()
     evaluate(run, {"eval.report_examples": 5})  # finetune eval refreshes it
     assert len(cards((run / "report.html").read_text())) == 5
+
+
+def test_before_is_left_out_when_a_later_eval_used_other_data(tmp_path):
+    """`finetune eval RUN data.eval=other` after training: the base's numbers were on other data, not comparable."""
+    run = tmp_path / "run"
+    for folder, dataset, score in (("eval-before", "a.jsonl", 0.1), ("eval", "b.jsonl", 0.9)):
+        (run / folder).mkdir(parents=True)
+        (run / folder / "metrics.json").write_text(json.dumps({"vqa_accuracy": score, "dataset": dataset}))
+        (run / folder / "predictions.jsonl").write_text(json.dumps(
+            {"id": "x", "prompt": "q", "prediction": dataset, "references": ["r"], "score": score}) + "\n")
+    (run / "recipe.yaml").write_text("task: vqa\n")
+    html = write_report(run).read_text()
+    assert "0.9" in html and "0.1" not in html and "a.jsonl" not in html
