@@ -21,6 +21,7 @@ import yaml
 from finetune.errors import ConfigError
 from finetune.tasks import TASKS
 
+
 def _recipes_dir() -> Path:
     """Package data (the repository's recipes/ folder, installed as finetune.recipes), so wheels carry the recipes;
     a source checkout used without installing it reads the folder itself."""
