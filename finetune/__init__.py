@@ -5,6 +5,10 @@ The public API is imported lazily so `finetune recipes` and `--help` start witho
 
 from importlib import import_module
 
+from finetune.startup import quiet_optional_kernel_notice
+
+quiet_optional_kernel_notice()  # before anything imports bitsandbytes (see finetune.startup)
+
 __version__ = "0.1.0"
 _API = {
     "load_recipe": "finetune.config",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from finetune.errors import FinetuneError
@@ -135,9 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # bitsandbytes warns on every CPU import that an optional Hub kernel is missing; it falls back to
-    # its own CPU kernel, so the warning is noise to users.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if args.command == "data":  # the data tools load a processor, never weights
+        from finetune.startup import skip_bitsandbytes
+
+        skip_bitsandbytes()
+    elif args.command in ("train", "eval", "predict", "chat", "merge"):
+        from finetune.startup import skip_bitsandbytes_unless_needed
+
+        target = getattr(args, "recipe", None) or getattr(args, "target", None) or getattr(args, "run", None)
+        skip_bitsandbytes_unless_needed(target, list(getattr(args, "overrides", None) or []))
     try:
         COMMANDS[args.command](args)
     except FinetuneError as err:

@@ -118,9 +118,13 @@ class DataConfig:
     templates: list[str] = field(default_factory=lambda: ["a photo of a {label}."])
     split: str = "train"  # split of a Hub or saved DatasetDict for data.train
     eval_split: str | None = None  # split for data.eval (default: validation, then test)
+    num_proc: int | None = None  # processes for the up-front data check (default: the machine's cores)
+    cache: bool = True  # keep the data check's results under the cache folder, so the next run skips the check
 
     def __post_init__(self):
         _check_choice("data.format", self.format, FORMATS)
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError(f"data.num_proc must be at least 1, got {self.num_proc}")
         _check_choice("data.on_too_long", self.on_too_long, ("auto", "drop", "fail"))
         _check_choice("data.on_error", self.on_error, ("fail", "skip"))
         if self.max_length < 8:

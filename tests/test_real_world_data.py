@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from finetune.config import DataConfig
-from finetune.data.collate import ChatEncoder
 from finetune.data.dataset import build_dataset, load_examples
+from finetune.data.encode import ChatEncoder
 from finetune.data.images import open_image
 from finetune.data.sources import BadRow, read_rows
 from finetune.errors import DataError

@@ -1,8 +1,10 @@
-"""From a data source to a training dataset: read rows, convert, encode once to check and measure.
+"""From a data source to a training dataset: read rows, convert, check and measure every example once.
 
 The up-front pass finds every unusable row before the first training step (a missing image costs
-seconds here, not a crash at step 9,000) and records each example's token length, which
-`group_by_length` needs and would otherwise get by decoding every image again.
+seconds here, not a crash at step 9,000) and records each example's exact token length, which
+`group_by_length` and data.max_length need. It decodes no pixels where it can avoid it (finetune.data.measure:
+image headers, the processor's token formula), spreads the work over data.num_proc processes, and caches what it
+found (finetune.data.check_cache) so a second run or a resume starts at once.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from finetune.config import DataConfig
-from finetune.data.encode import ChatEncoder, TooLong
+from finetune.data.checking import measure_examples
+from finetune.data.encode import ChatEncoder
 from finetune.data.formats import Example, row_to_examples
-from finetune.data.sources import BadRow, Rows, read_rows
+from finetune.data.measure import OK, TOO_LONG
+from finetune.data.sources import BadRow, Rows, open_rows
 from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -63,13 +66,18 @@ class SupervisedDataset(torch.utils.data.Dataset):
 
 def load_examples(spec: str, cfg: DataConfig, split: str) -> tuple[list[Example], Report]:
     """Every row converted to Examples (each placed: its `file:row` and image root), plus the rows that failed."""
-    rows = read_rows(spec, split)
+    examples, report, _ = _load(spec, cfg, split)
+    return examples, report
+
+
+def _load(spec: str, cfg: DataConfig, split: str) -> tuple[list[Example], Report, Rows]:
+    rows = open_rows(spec, split)
     root = image_root(cfg, rows)
-    report = Report(source=rows.name, rows=len(rows))
+    report = Report(source=rows.name)
     examples = []
-    for index in range(len(rows)):
-        row = rows[index]
+    for index, row in enumerate(rows):  # converted as read: the parsed row is dropped at once
         location = rows.location(index)
+        report.rows += 1
         if isinstance(row, BadRow):
             report.problems.append((location, row.reason))
             continue
@@ -79,24 +87,25 @@ def load_examples(spec: str, cfg: DataConfig, split: str) -> tuple[list[Example]
             report.problems.append((location, _one_line(err)))
             continue
         examples += [example.placed(location, root) for example in converted]
-    return examples, report
+    return examples, report, rows
 
 
 def check_examples(spec: str, cfg: DataConfig, encoder: ChatEncoder, split: str = "train",
                    progress: bool = True) -> tuple[list[Example], list[int], Report]:
-    """Convert and encode every row once: the usable examples, their token lengths, and the report."""
-    examples, report = load_examples(spec, cfg, split)
+    """Convert and measure every row once: the usable examples, their token lengths, and the report."""
+    examples, report, rows = _load(spec, cfg, split)
+    measured = measure_examples(examples, encoder, cfg, rows, report.source, split, progress)
     kept, lengths = [], []
-    for example in tqdm(examples, desc=f"checking {report.source}", disable=not progress, unit="ex", leave=False):
-        try:
-            lengths.append(len(encoder.encode(example)["input_ids"]))
+    for example, (code, tokens, reason) in zip(examples, measured):
+        if code == OK:
             kept.append(example)
-        except TooLong as err:
+            lengths.append(tokens)
+        elif code == TOO_LONG:
             if cfg.on_too_long == "fail":
-                raise DataError(f"{example.location}: {err} (data.on_too_long=fail)") from None
-            report.too_long.append((example.location, err.length))
-        except DataError as err:
-            report.problems.append((example.location, _one_line(err)))
+                raise DataError(f"{example.location}: {reason} (data.on_too_long=fail)")
+            report.too_long.append((example.location, tokens))
+        else:
+            report.problems.append((example.location, reason))
     report.examples = len(kept)
     return kept, lengths, report
 

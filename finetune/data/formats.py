@@ -19,7 +19,7 @@ TEXT_PARTS = ("text", "input_text", "output_text")
 IMAGE_PARTS = ("image", "image_url", "input_image")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a 665k-row dataset holds 665k of these
 class Example:
     """One conversation as every later stage sees it; built once per row and never changed afterwards.
 
