@@ -10,7 +10,7 @@ import pytest
 
 from finetune import train
 from finetune.evaluation import evaluate
-from finetune.generation import cut_at_end_of_turn, generate
+from finetune.generation import answer_text, generate, stop_token_ids
 from finetune.metrics import vqa_accuracy
 from finetune.run import load_adapter
 
@@ -63,9 +63,18 @@ def test_batched_left_padded_generation_matches_one_by_one(small_run):
     assert batched == single
 
 
-def test_answers_are_cut_at_the_end_of_turn(processor):
-    assert cut_at_end_of_turn("red<|im_end|>\n<|im_start|>user\nmore", processor.tokenizer) == "red"
-    assert cut_at_end_of_turn("  two circles ", processor.tokenizer) == "two circles"
+def test_answers_are_cut_at_the_end_of_turn(random_tiny, processor):
+    from transformers import AutoModelForImageTextToText
+
+    from finetune.data.encode import make_encoder
+
+    tokenizer = processor.tokenizer
+    stops = set(stop_token_ids(AutoModelForImageTextToText.from_pretrained(random_tiny), make_encoder(processor, 64)))
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in stops
+    ids = tokenizer("red<|im_end|>\n<|im_start|>user\nmore", add_special_tokens=False)["input_ids"]
+    assert answer_text(ids, stops, tokenizer) == "red"
+    assert answer_text(tokenizer("  two circles ", add_special_tokens=False)["input_ids"], stops, tokenizer) == \
+        "two circles"
 
 
 def test_dialogue_eval_reports_rouge_and_perplexity(small_run, tmp_path):

@@ -13,6 +13,7 @@ from PIL import Image
 from finetune.config import DataConfig
 from finetune.data.dataset import build_dataset, load_examples
 from finetune.data.encode import ChatEncoder
+from finetune.data.formats import IMAGE
 from finetune.data.images import open_image
 from finetune.data.sources import BadRow, read_rows
 from finetune.errors import DataError
@@ -114,7 +115,7 @@ def test_an_image_over_pillows_safety_limit_is_a_row_problem(tmp_path, monkeypat
 
 # --- whole rows through the chat encoder ----------------------------------------------------------------------
 def tokens_per_image(encoder):
-    ids = encoder.processor(text=[encoder.image_token], images=[Image.new("RGB", (32, 32))])["input_ids"][0]
+    ids = encoder.processor(text=[IMAGE], images=[Image.new("RGB", (32, 32))])["input_ids"][0]
     return sum(int(t) == encoder.image_token_id for t in ids)
 
 
@@ -165,10 +166,10 @@ def test_an_image_mentioned_twice_and_placeholders_without_newlines_render_each_
     assert not report.problems and examples[0].images == ("demo/1.jpg", "demo/1.jpg")
     encoder = ChatEncoder(processor, max_length=1024)
     text = encoder.render(list(examples[0].messages))
-    assert text.count(encoder.image_token) == 2
+    assert text.count(IMAGE) == 2
     # Each placeholder stays beside its own text (whatever whitespace the template puts around an image).
-    assert text.index(encoder.image_token) < text.index("Who are they?") < text.index("What are they doing?") \
-        < text.rindex(encoder.image_token) < text.index("Celebrating.")
+    assert text.index(IMAGE) < text.index("Who are they?") < text.index("What are they doing?") \
+        < text.rindex(IMAGE) < text.index("Celebrating.")
     features = encoder.encode(examples[0])
     assert features["pixel_values"].shape[0] == 2
     assert sum(t == encoder.image_token_id for t in features["input_ids"]) == 2 * tokens_per_image(encoder)
