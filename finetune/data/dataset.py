@@ -71,6 +71,13 @@ def load_examples(spec: str, cfg: DataConfig, split: str) -> tuple[list[Example]
 
 
 def _load(spec: str, cfg: DataConfig, split: str) -> tuple[list[Example], Report, Rows]:
+    return convert_rows(spec, cfg, split,
+                        lambda row: row_to_examples(row, cfg.format, cfg.columns, cfg.prompt, cfg.system_prompt))
+
+
+def convert_rows(spec: str, cfg: DataConfig, split: str, convert) -> tuple[list, Report, Rows]:
+    """Every row of a source converted by `convert(row) -> [examples]`, each placed (its `file:row` and image
+    root); rows that cannot be read or converted go to the report."""
     rows = open_rows(spec, split)
     root = image_root(cfg, rows)
     report = Report(source=rows.name)
@@ -82,7 +89,7 @@ def _load(spec: str, cfg: DataConfig, split: str) -> tuple[list[Example], Report
             report.problems.append((location, row.reason))
             continue
         try:
-            converted = row_to_examples(row, cfg.format, cfg.columns, cfg.prompt, cfg.system_prompt)
+            converted = convert(row)
         except (DataError, KeyError, TypeError, ValueError) as err:
             report.problems.append((location, _one_line(err)))
             continue

@@ -15,10 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from finetune.config import DataConfig
-from finetune.data.dataset import Report, _one_line, image_root
+from finetune.data.dataset import Report, _one_line, convert_rows
 from finetune.data.formats import _listify
 from finetune.data.images import open_image
-from finetune.data.sources import BadRow, read_rows
 from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -33,6 +32,9 @@ class PairExample:
     id: str | None = None
     location: str = ""
     root: Path | None = None
+
+    def placed(self, location: str, root: Path) -> PairExample:
+        return replace(self, location=location, root=root)
 
 
 def row_to_pair(row: dict, fmt: str = "auto", columns: dict | None = None,
@@ -66,21 +68,9 @@ def row_to_pair(row: dict, fmt: str = "auto", columns: dict | None = None,
 
 
 def load_pairs(spec: str, cfg: DataConfig, split: str) -> tuple[list[PairExample], Report]:
-    rows = read_rows(spec, split)
-    root = image_root(cfg, rows)
-    report = Report(source=rows.name, rows=len(rows))
-    examples = []
-    for index in range(len(rows)):
-        row, location = rows[index], rows.location(index)
-        if isinstance(row, BadRow):
-            report.problems.append((location, row.reason))
-            continue
-        try:
-            example = row_to_pair(row, cfg.format, cfg.columns, tuple(cfg.templates))
-        except (DataError, KeyError, TypeError, ValueError) as err:
-            report.problems.append((location, _one_line(err)))
-            continue
-        examples.append(replace(example, location=location, root=root))
+    templates = tuple(cfg.templates)
+    examples, report, _ = convert_rows(spec, cfg, split,
+                                       lambda row: [row_to_pair(row, cfg.format, cfg.columns, templates)])
     return examples, report
 
 
