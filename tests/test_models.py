@@ -177,5 +177,5 @@ def test_inference_loads_on_the_gpu_when_there_is_one(random_tiny, monkeypatch, 
     monkeypatch.setenv("LOCAL_RANK", "1")
     from finetune.evaluation import open_target
 
-    open_target({"model": {"name": str(random_tiny)}, "output_dir": str(tmp_path)})
+    open_target({"model": {"name": str(random_tiny), "dtype": "float32"}, "output_dir": str(tmp_path)})
     assert seen == ["cuda:1"]  # a run (Run.load) takes the same device: finetune.models.inference_device
