@@ -16,8 +16,8 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from finetune.config import load_recipe
 from finetune.data.collate import Collator
-from finetune.data.encode import ChatEncoder
 from finetune.data.dataset import build_dataset
+from finetune.data.encode import ChatEncoder
 from finetune.models import load_processor
 
 

@@ -102,8 +102,15 @@ class DataConfig:
     system_prompt: str | None = None
     split: str = "train"  # split of a Hub or saved DatasetDict for data.train
     eval_split: str | None = None  # split for data.eval (default: validation, then test)
+    # auto: several examples per row where the model family allows it (finetune.data.packing), else padding;
+    # true: pack, and fail on a family that cannot; false: always pad
+    packing: str | bool = "auto"
 
     def __post_init__(self):
+        if isinstance(self.packing, str) and self.packing.lower() in ("true", "false"):
+            self.packing = self.packing.lower() == "true"
+        if not isinstance(self.packing, bool):
+            _check_choice("data.packing", self.packing, ("auto", True, False))
         _check_choice("data.format", self.format, FORMATS)
         _check_choice("data.on_too_long", self.on_too_long, ("auto", "drop", "fail"))
         _check_choice("data.on_error", self.on_error, ("fail", "skip"))

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from finetune.adapters import attach_adapters
 from finetune.config import Recipe, load_recipe, parse_overrides, save_recipe
 from finetune.data.collate import Collator
 from finetune.data.dataset import build_dataset
 from finetune.data.encode import make_encoder
+from finetune.data.packing import packing_layout
+from finetune.data.sampler import LengthGroupedSampler
 from finetune.errors import ConfigError, FinetuneError
 from finetune.evaluation import EvalItem, eval_items, score, write_results
 from finetune.models import choose_dtype, load_model
@@ -47,6 +48,8 @@ TRAIN_DEFAULTS = {
     # Keep a non-finite loss in the logs (the filter hides it, and checks it on the host every step):
     # StopOnNonFiniteLoss reads the logged value instead.
     "logging_nan_inf_filter": False,
+    # Batches of similar length (lengths measured by the data check): little padding, and with packing less still.
+    "group_by_length": True,
 }
 
 
@@ -82,7 +85,8 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
 
     trainer = FinetuneTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=Collator(encoder.pad_token_id), processing_class=processor,
+        data_collator=Collator(encoder.pad_token_id, packing_layout(recipe.data.packing, model)),
+        processing_class=processor,
         callbacks=[StopOnNonFiniteLoss(), *(callbacks or [])], recipe=recipe, eval_items=items,
     )
     out = Path(args.output_dir)
@@ -143,7 +147,8 @@ def _task_metric_impossible(args: TrainingArguments) -> bool:
 
 def training_arguments(recipe: Recipe) -> TrainingArguments:
     values = {**TRAIN_DEFAULTS, **recipe.train}
-    if values.pop("group_by_length", False):  # the transformers 4 name users know
+    # group_by_length: the transformers 4 name users know; an explicit train_sampling_strategy wins over the default
+    if values.pop("group_by_length") and "train_sampling_strategy" not in recipe.train:
         values["train_sampling_strategy"] = "group_by_length"
     values.setdefault("seed", recipe.seed)
     values.setdefault("dataloader_pin_memory", torch.cuda.is_available())
@@ -221,7 +226,8 @@ class FinetuneTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            return LengthGroupedSampler(batch, lengths=dataset.lengths)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return LengthGroupedSampler(dataset.lengths, batch, seed=seed)
         return super()._get_train_sampler(train_dataset)
 
 

@@ -79,14 +79,14 @@ def test_staged_training_projector_then_lora(tmp_path):
 
 @pytest.mark.slow
 def test_group_by_length_uses_measured_lengths(tmp_path, monkeypatch):
-    from finetune.data import collate
+    from finetune.data import encode
     from finetune.data.dataset import SupervisedDataset
 
     calls, decoded = [], []
     real = SupervisedDataset.__getitem__
     monkeypatch.setattr(SupervisedDataset, "__getitem__", lambda self, i: calls.append(i) or real(self, i))
-    real_open = collate.open_image
-    monkeypatch.setattr(collate, "open_image", lambda *a: decoded.append(a[0]) or real_open(*a))
+    real_open = encode.open_image
+    monkeypatch.setattr(encode, "open_image", lambda *a: decoded.append(a[0]) or real_open(*a))
     train("demo/vqa", {**SMALL, "output_dir": str(tmp_path / "run"), "train.max_steps": 2,
                        "train.group_by_length": True, "train.dataloader_num_workers": 0})
     # Only the batches trained on (plus the one accelerate prefetches) were encoded, not all 64 examples again.
