@@ -24,11 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -38,22 +35,19 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(HERE.parent))
 
 from _fixture import MAX_LENGTH, build, parameter_count
+from _harness import machine, medians, run_child, stamp, table
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LEARNING_RATE = 2e-4
 SEED = 42
-ROWS = [  # (key, label, format, better)
-    ("wall_s", "whole process, s", "{:.2f}", "lower"),
-    ("train_s", "training, s", "{:.2f}", "lower"),
-    ("first_step_s", "time to first step, s", "{:.2f}", "lower"),
-    ("tokens_per_s", "non-pad tokens/s (training)", "{:.0f}", "higher"),
-    ("padding", "padding share of tokens", "{:.1%}", "lower"),
-    ("peak_rss_mib", "peak RSS, MiB", "{:.0f}", "lower"),
+ROWS = [  # (key, label, format)
+    ("wall_s", "whole process, s", "{:.2f}"),
+    ("train_s", "training, s", "{:.2f}"),
+    ("first_step_s", "time to first step, s", "{:.2f}"),
+    ("tokens_per_s", "non-pad tokens/s (training)", "{:.0f}"),
+    ("padding", "padding share of tokens", "{:.1%}"),
+    ("peak_rss_mib", "peak RSS, MiB", "{:.0f}"),
 ]
-
-
-def stamp(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def lora_targets(model_dir: Path) -> list[str]:
@@ -67,25 +61,6 @@ def lora_targets(model_dir: Path) -> list[str]:
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(model_dir))
     return ours(model, AdapterConfig())
-
-
-def run_child(cmd: list[str], out_json: Path, log_path: Path, env: dict | None = None) -> dict:
-    """Run one measured process; returns its figures plus wall_s and peak_rss_mib."""
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", "BENCH_OUT": str(out_json), **(env or {})}
-    child_env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), child_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    start = time.time()
-    child_env["BENCH_T0"] = repr(start)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env, cwd=HERE.parent)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.time() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0 or not out_json.is_file():
-        tail = log_path.read_text()[-3000:]
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); the end of {log_path}:\n{tail}")
-    figures = json.loads(out_json.read_text())
-    figures.update(wall_s=wall, peak_rss_mib=usage.ru_maxrss / 1024)  # Linux reports KiB
-    return figures
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -141,42 +116,17 @@ def main(argv: list[str] | None = None) -> dict:
                     "steps": args.steps, "batch": args.batch, "max_length": MAX_LENGTH, "lora_r": LORA["r"]},
         "machine": machine(), "ours_overrides": args.ours, "work": str(work),
         "runs": results,
-        "median": {side: {key: statistics.median(r[key] for r in runs) for key, *_ in ROWS}
-                   for side, runs in results.items()},
+        "median": medians(results, [key for key, *_ in ROWS] + ["steady_tokens_per_s"]),
     }
     if args.json:
         print(json.dumps(summary, indent=1))
     else:
-        print(table(summary))
+        f = summary["fixture"]
+        print(table(ROWS, summary["median"], results))
+        print(f"\n{f['parameters']:,}-parameter LLaVA-shaped model, {f['samples']} samples, {f['steps']} steps x "
+              f"batch {f['batch']}, LoRA r={f['lora_r']}, max_length {f['max_length']}; "
+              f"{summary['machine']['cpus']} CPUs, load average at the end {summary['machine']['load_average']}")
     return summary
-
-
-def machine() -> dict:
-    import platform
-
-    import torch
-
-    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "load_average": os.getloadavg(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def table(summary: dict) -> str:
-    med, runs = summary["median"], summary["runs"]
-    both = "ours" in med and "trl" in med
-    head = "| measurement | ours (median) | TRL SFTTrainer (median) | ours / TRL | runs, ours | runs, TRL |"
-    lines = [head, "| --- | --- | --- | --- | --- | --- |"]
-    for key, label, fmt, _ in ROWS:
-        cells = [fmt.format(med[s][key]) if s in med else "-" for s in ("ours", "trl")]
-        ratio = f"{med['ours'][key] / med['trl'][key]:.2f}x" if both and med["trl"][key] else "-"
-        each = [", ".join(fmt.format(r[key]) for r in runs[s]) if s in runs else "-" for s in ("ours", "trl")]
-        lines.append(f"| {label} | {cells[0]} | {cells[1]} | {ratio} | {each[0]} | {each[1]} |")
-    f = summary["fixture"]
-    lines.append("")
-    lines.append(f"{f['parameters']:,}-parameter LLaVA-shaped model, {f['samples']} samples, {f['steps']} steps x "
-                 f"batch {f['batch']}, LoRA r={f['lora_r']}, max_length {f['max_length']}; "
-                 f"{summary['machine']['cpus']} CPUs, load average at the end {summary['machine']['load_average']}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":
