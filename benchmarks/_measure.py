@@ -49,9 +49,12 @@ class BenchCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # What is trained and what is 4-bit, so a table can show both sides trained the same thing.
+        trained = [p for p in model.parameters() if p.requires_grad] if model is not None else []
         self.model_facts = {
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trainable_parameters": sum(p.numel() for p in trained),
+            "trainable_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in trained}),
             "linear4bit_layers": sum(type(m).__name__ == "Linear4bit" for m in model.modules()),
+            "activation_checkpointing": any(getattr(m, "gradient_checkpointing", False) for m in model.modules()),
         } if model is not None else {}
         if torch.cuda.is_available():
             torch.cuda.synchronize()

@@ -239,6 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n{summary['shape']} shape, batch 1 x {args.seq} tokens, {args.steps} steps, "
               f"{'QLoRA (NF4)' if four_bit else 'LoRA'}; {summary['machine']['gpu'] or 'CPU'}; "
               f"{summary['total_s']:.0f} s in all")
+        for side, runs in results.items():
+            run = runs[0]
+            print(f"{side}: trainable parameters in {'/'.join(run.get('trainable_dtypes', []))}, activation "
+                  f"checkpointing {'on' if run.get('activation_checkpointing') else 'off'}")
     return summary
 
 
