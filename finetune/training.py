@@ -48,7 +48,7 @@ TRAIN_DEFAULTS = {
     # Keep a non-finite loss in the logs (the filter hides it, and checks it on the host every step):
     # StopOnNonFiniteLoss reads the logged value instead.
     "logging_nan_inf_filter": False,
-    # Batches of similar length (lengths measured by the data check): little padding, and with packing less still.
+    # Batches of similar length (lengths measured by the data check, finetune.data.sampler): little padding.
     "group_by_length": True,
 }
 

@@ -148,6 +148,8 @@ def test_layout_follows_the_attention_implementation(random_tiny):
                               ("flex_attention", "flat"), ("paged|sdpa", None)):
         model.config.get_text_config()._attn_implementation = attention
         assert packing_layout("auto", model) == layout, attention
+    with pytest.raises(ConfigError, match="paged"):
+        packing_layout(True, model)  # the last one: no packed-sequence mask
     assert packing_layout(False, model) is None
 
 

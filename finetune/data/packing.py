@@ -52,7 +52,7 @@ def packing_layout(setting: str | bool, model) -> str | None:
     attention = config.get_text_config()._attn_implementation or "eager"
     layout = LAYOUT.get(attention) or ("flat" if "flash" in attention else None)
     reason = PACKING.get(family, f"packing is not verified for model type {family!r}")
-    if layout is None and reason is None:
+    if layout is None:
         reason = f"attention implementation {attention!r} has no packed-sequence mask"
     if reason is None:
         log.info("packing examples into rows (%s attention: %s)", attention, layout)
