@@ -16,8 +16,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from finetune.config import load_recipe
 from finetune.data.collate import Collator
-from finetune.data.encode import ChatEncoder
 from finetune.data.dataset import build_dataset
+from finetune.data.encode import ChatEncoder
+from finetune.data.sampler import LengthGroupedSampler as MeasuredLengthSampler
 from finetune.models import load_processor
 
 
@@ -38,7 +39,7 @@ def main() -> None:
     n = len(dataset)
     collate = Collator(processor.tokenizer.pad_token_id)
     _, batch_s = timed(lambda: [collate([dataset[j] for j in range(i, min(i + 16, n))]) for i in range(0, n, 16)])
-    _, ours_s = timed(lambda: list(LengthGroupedSampler(16, lengths=dataset.lengths)))
+    _, ours_s = timed(lambda: list(MeasuredLengthSampler(dataset.lengths, 16)))
     _, theirs_s = timed(lambda: list(LengthGroupedSampler(16, dataset=dataset)))
     print(f"examples                         {n}")
     print(f"up-front check (encode all)      {check_s:8.2f} s  ({n / check_s:8.1f} ex/s)")

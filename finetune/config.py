@@ -120,8 +120,15 @@ class DataConfig:
     eval_split: str | None = None  # split for data.eval (default: validation, then test)
     num_proc: int | None = None  # processes for the up-front data check (default: the machine's cores)
     cache: bool = True  # keep the data check's results under the cache folder, so the next run skips the check
+    # auto: several examples per row where the model family allows it (finetune.data.packing), else padding;
+    # true: pack, and fail on a family that cannot; false: always pad
+    packing: str | bool = "auto"
 
     def __post_init__(self):
+        if isinstance(self.packing, str) and self.packing.lower() in ("true", "false"):
+            self.packing = self.packing.lower() == "true"
+        if not isinstance(self.packing, bool):
+            _check_choice("data.packing", self.packing, ("auto", True, False))
         _check_choice("data.format", self.format, FORMATS)
         if self.num_proc is not None and self.num_proc < 1:
             raise ConfigError(f"data.num_proc must be at least 1, got {self.num_proc}")

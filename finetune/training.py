@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import RandomSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from finetune.adapters import attach_adapters
 from finetune.config import Recipe, load_recipe, parse_overrides, save_recipe
@@ -25,6 +24,8 @@ from finetune.data.collate import Collator
 from finetune.data.dataset import build_dataset
 from finetune.data.encode import make_encoder
 from finetune.data.pairs import PairCollator, build_pairs
+from finetune.data.packing import packing_layout
+from finetune.data.sampler import LengthGroupedSampler
 from finetune.errors import ConfigError, FinetuneError
 from finetune.evaluation import EvalItem, eval_items, score, write_results
 from finetune.models import choose_dtype, load_model
@@ -50,6 +51,8 @@ TRAIN_DEFAULTS = {
     # Keep a non-finite loss in the logs (the filter hides it, and checks it on the host every step):
     # StopOnNonFiniteLoss reads the logged value instead.
     "logging_nan_inf_filter": False,
+    # Batches of similar length (lengths measured by the data check, finetune.data.sampler): little padding.
+    "group_by_length": True,
 }
 
 
@@ -72,7 +75,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     model, processor = load_model(recipe.model, sharded=sharded(args), dual_encoder=contrastive)
     model = fold_earlier_runs(model, recipe)  # staged training: earlier stages merged into the base
     model = attach_adapters(model, recipe.adapter, gradient_checkpointing=bool(args.activation_checkpointing))
-    train_set, eval_set, collator = datasets(recipe, processor, model.dtype, progress=args.process_index == 0)
+    train_set, eval_set, collator = datasets(recipe, processor, model, progress=args.process_index == 0)
     log.info("training on %d examples%s", len(train_set), f", evaluating on {len(eval_set)}" if eval_set else "")
     compare = recipe.eval.before_after and recipe.data.eval and args.world_size == 1
     during = args.eval_strategy != "no" and not _task_metric_impossible(args)
@@ -111,18 +114,18 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     return out
 
 
-def datasets(recipe: Recipe, processor, dtype, progress: bool = True):
-    """(train set, eval set or None, collator): chat examples checked and encoded by the model's processor, or
-    for a contrastive task image-text pairs."""
+def datasets(recipe: Recipe, processor, model, progress: bool = True):
+    """(train set, eval set or None, collator): chat examples checked and encoded by the model's processor (packed
+    several to a row where the model allows it), or for a contrastive task image-text pairs."""
     data, eval_split = recipe.data, recipe.data.eval_split or "validation"
     if TASKS[recipe.task].kind == "contrastive":
         train_set, _ = build_pairs(data.train, data, data.split, progress)
         eval_set = build_pairs(data.eval, data, eval_split, progress)[0] if data.eval else None
         return train_set, eval_set, PairCollator(processor)
-    encoder = make_encoder(processor, data.max_length, dtype=dtype)
+    encoder = make_encoder(processor, data.max_length, dtype=model.dtype)
     train_set, _ = build_dataset(data.train, data, encoder, data.split, progress=progress)
     eval_set = build_dataset(data.eval, data, encoder, eval_split, progress=progress)[0] if data.eval else None
-    return train_set, eval_set, Collator(encoder.pad_token_id)
+    return train_set, eval_set, Collator(encoder.pad_token_id, packing_layout(data.packing, model))
 
 
 def _score(recipe: Recipe, model, processor, items: list[EvalItem], out: Path, write: bool = True) -> dict:
@@ -158,7 +161,8 @@ def _task_metric_impossible(args: TrainingArguments) -> bool:
 
 def training_arguments(recipe: Recipe) -> TrainingArguments:
     values = {**TRAIN_DEFAULTS, **recipe.train}
-    if values.pop("group_by_length", False):  # the transformers 4 name users know
+    # group_by_length: the transformers 4 name users know; an explicit train_sampling_strategy wins over the default
+    if values.pop("group_by_length") and "train_sampling_strategy" not in recipe.train:
         values["train_sampling_strategy"] = "group_by_length"
     values.setdefault("seed", recipe.seed)
     values.setdefault("dataloader_pin_memory", torch.cuda.is_available())
@@ -238,7 +242,8 @@ class FinetuneTrainer(Trainer):
             if not hasattr(dataset, "lengths"):  # image-text pairs: every text is padded to one length anyway
                 return RandomSampler(dataset)
             batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
-            return LengthGroupedSampler(batch, lengths=dataset.lengths)
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return LengthGroupedSampler(dataset.lengths, batch, seed=seed)
         return super()._get_train_sampler(train_dataset)
 
 

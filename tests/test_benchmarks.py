@@ -1,0 +1,49 @@
+"""The benchmark scripts run end to end on the CPU: benchmarks/gpu.py's code path with --tiny, and vs_trl.py for one
+step. TRL's side runs where TRL is installed (`pip install -e .[bench]`), and is skipped otherwise."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_TRL = importlib.util.find_spec("trl") is not None
+SIDES = ["ours", "trl"] if HAS_TRL else ["ours"]
+
+
+def bench(script, *args):
+    only = [] if HAS_TRL else ["--only", "ours"]
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", *args, *only, "--json"], check=False, cwd=ROOT,
+                          text=True, capture_output=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def test_gpu_benchmark_runs_its_code_path_on_the_cpu(tmp_path):
+    summary = bench("gpu.py", "--tiny", "--steps", "1", "--seq", "700", "--work", str(tmp_path))
+    assert sorted(summary["runs"]) == sorted(SIDES)
+    runs = [r for side in SIDES for r in summary["runs"][side]]
+    for run in runs:
+        # One step of one example cut to --seq tokens (576 of them image tokens), nothing padded.
+        assert run["steps"] == 1 and run["real_tokens"] == run["tensor_tokens"] == 700
+        assert run["trainable_parameters"] > 0 and run["wall_s"] > run["train_s"] > 0 and run["peak_rss_mib"] > 0
+        if summary["quantization"] == "nf4":
+            assert run["linear4bit_layers"] > 0
+    # Both sides train the same LoRA parameters on the same 4-bit layers.
+    assert len({(r["trainable_parameters"], r["linear4bit_layers"]) for r in runs}) == 1
+    assert (tmp_path / "runs" / "ours" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_vs_trl_measures_both_sides_the_same_way(tmp_path):
+    summary = bench("vs_trl.py", "--repeats", "1", "--steps", "2", "--batch", "4", "--fixture", str(tmp_path / "fx"),
+                    "--work", str(tmp_path / "work"))
+    assert summary["fixture"]["samples"] == 256 and 4.0e6 < summary["fixture"]["parameters"] < 4.6e6
+    for side in SIDES:
+        run = summary["runs"][side][0]
+        assert run["steps"] == 2 and 0 < run["real_tokens"] <= run["tensor_tokens"]
+        assert 0 <= run["padding"] < 1 and run["first_step_s"] < run["wall_s"]
