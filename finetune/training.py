@@ -23,8 +23,8 @@ from finetune.contrastive import clamp_logit_scale, dual_encoder_loss
 from finetune.data.collate import Collator
 from finetune.data.dataset import build_dataset
 from finetune.data.encode import make_encoder
-from finetune.data.pairs import PairCollator, build_pairs
 from finetune.data.packing import packing_layout
+from finetune.data.pairs import PairCollator, build_pairs
 from finetune.data.sampler import LengthGroupedSampler
 from finetune.errors import ConfigError, FinetuneError
 from finetune.evaluation import EvalItem, eval_items, score, write_results
