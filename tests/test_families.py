@@ -149,12 +149,12 @@ def test_generation_stops_at_the_family_end_of_turn_and_is_greedy(name, tmp_path
     special = [t for t in tokenizer.all_special_tokens if t]
     assert not any(t in answer for answer in ours for t in special)
     # A model that always says "end of turn" answers nothing, after one token.
-    head = model.get_output_embeddings()
-    with torch.no_grad():
-        head.weight.zero_()
-        head.weight[eot] = 1.0
-        if getattr(head, "bias", None) is not None:
-            head.bias.zero_()
+    def end_of_turn_only(module, inputs, logits):
+        forced = torch.full_like(logits, -1e4)
+        forced[..., eot] = 1e4
+        return forced
+
+    model.get_output_embeddings().register_forward_hook(end_of_turn_only)
     model.generation_config.do_sample = False
     assert generate(model, processor, prompts[:1], max_new_tokens=6, quiet=True) == [""]
 
@@ -200,10 +200,15 @@ def test_train_evaluate_and_merge_each_family(name, quantization, tmp_path_facto
     metrics = evaluate(run, {"data.eval": str(data), "eval.max_new_tokens": 4}, quiet=True)
     assert metrics["examples"] == len(kinds) * 2
     merged = AutoModelForImageTextToText.from_pretrained(merge(run, tmp_path / "merged")).eval()
-    base = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(folder), str(run)).eval()
+    # The merged folder keeps the dtype the base was loaded in (bf16 on a GPU): compare in that dtype.
+    base = AutoModelForImageTextToText.from_pretrained(folder, dtype=merged.dtype)
+    base = PeftModel.from_pretrained(base, str(run)).eval()
     encoder = make_encoder(processor, 4096)
     batch = Collator(encoder.pad_token_id)([encoder.encode(row_to_examples(rows(family)["vqa"])[0],
                                                            images=[image(family)])])
     batch.pop("labels")
+    batch = {k: v.to(merged.dtype) if v.is_floating_point() else v for k, v in batch.items()}
+    tolerance = 1e-4 if merged.dtype == torch.float32 else 5e-2  # bf16: the merge rounds W + BA once more
     with torch.no_grad():
-        torch.testing.assert_close(merged(**batch).logits, base(**batch).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(merged(**batch).logits.float(), base(**batch).logits.float(), atol=tolerance,
+                                   rtol=0)
