@@ -6,6 +6,7 @@ runs on a CPU, one GPU, or many through `torchrun` / `accelerate launch` (DDP, F
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -22,7 +23,7 @@ from finetune.config import Recipe, load_recipe, parse_overrides, save_recipe
 from finetune.contrastive import clamp_logit_scale, dual_encoder_loss
 from finetune.data.collate import Collator
 from finetune.data.dataset import build_dataset
-from finetune.data.encode import make_encoder
+from finetune.data.encode import IGNORE, make_encoder
 from finetune.data.packing import packing_layout
 from finetune.data.pairs import PairCollator, build_pairs
 from finetune.data.sampler import LengthGroupedSampler
@@ -213,14 +214,50 @@ def resume_checkpoint(args: TrainingArguments) -> str | None:
     return newest
 
 
+class SupervisedLogitsLoss:
+    """The causal-LM loss with logits computed only at the positions whose next token is supervised (in any row of
+    the batch), through the models' `logits_to_keep`: the lm_head, and the batch x length x vocabulary logits that
+    are a VLM step's largest activation, skip the prompt, image and padding positions. Equal to the model's own loss
+    (transformers' ForCausalLMLoss: fp32 logits, a sum over the accumulated batch's tokens or a mean)."""
+
+    def __init__(self):
+        self.kept: torch.Tensor | None = None
+
+    def positions(self, labels: torch.Tensor) -> torch.Tensor:
+        self.kept = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(-1)
+        return self.kept
+
+    def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        logits = outputs.logits.float()
+        targets = labels[:, 1:][:, self.kept].to(logits.device)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                 ignore_index=IGNORE,
+                                                 reduction="mean" if num_items_in_batch is None else "sum")
+        return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+def keeps_logits(model) -> bool:
+    """Whether the model's forward can compute logits at chosen positions only (transformers 5 VLMs can)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 class FinetuneTrainer(Trainer):
-    """Trainer whose evaluation adds the task metric, and whose length-grouped sampler uses the lengths
-    measured while checking the data (instead of encoding, and decoding every image of, the dataset again)."""
+    """Trainer whose evaluation adds the task metric, whose loss computes logits only where they are supervised,
+    and whose length-grouped sampler uses the lengths measured while checking the data (instead of encoding, and
+    decoding every image of, the dataset again)."""
 
     def __init__(self, *args, recipe: Recipe, eval_items: list[EvalItem] | None = None, **kwargs):
+        if recipe is not None and TASKS[recipe.task].kind == "generative" and keeps_logits(kwargs["model"]):
+            kwargs.setdefault("compute_loss_func", SupervisedLogitsLoss())
         super().__init__(*args, **kwargs)
         self.recipe = recipe
         self.eval_items = eval_items
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if isinstance(self.compute_loss_func, SupervisedLogitsLoss) and inputs.get("labels") is not None:
+            inputs = {**inputs, "logits_to_keep": self.compute_loss_func.positions(inputs["labels"])}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Eval loss, plus the task metric by generation (so `metric_for_best_model: vqa_accuracy` works).

@@ -212,3 +212,21 @@ def test_train_evaluate_and_merge_each_family(name, quantization, tmp_path_facto
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits.float(), base(**batch).logits.float(), atol=tolerance,
                                    rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_at_supervised_positions_only_give_the_models_own_loss(name, tmp_path_factory):
+    from finetune.training import SupervisedLogitsLoss, keeps_logits
+
+    family = FAMILIES[name]
+    folder, processor = open_processor(name, tmp_path_factory)
+    kinds = ("vqa",) if family.chat_template is None else ("vqa", "text-only", "multi-turn")
+    batch = Collator(make_encoder(processor, 4096).pad_token_id)([encoded(family, processor, k)[1] for k in kinds])
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    assert keeps_logits(model)
+    labels = batch.pop("labels")
+    loss = SupervisedLogitsLoss()
+    with torch.no_grad():
+        ours = loss(model(**batch, logits_to_keep=loss.positions(labels)), labels)
+        theirs = model(**batch, labels=labels).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -152,3 +152,43 @@ def test_eval_during_training_reports_the_task_metric_and_keeps_the_best(tmp_pat
     best_step = max(scores, key=lambda s: (scores[s], -s))
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{best_step}")
     assert (run / "eval-step-2" / "predictions.jsonl").is_file()
+
+
+@pytest.mark.parametrize("items", [None, 7])
+def test_logits_only_where_supervised_give_the_models_own_loss_and_gradients(random_tiny, processor, shapes_image,
+                                                                              items):
+    """The lm_head runs on the supervised positions only; loss and gradients equal the model's full-logits loss,
+    as a mean and as a sum over an accumulated batch's token count."""
+    from transformers import AutoModelForImageTextToText
+
+    from finetune.adapters import attach_adapters
+    from finetune.config import AdapterConfig
+    from finetune.data.collate import Collator
+    from finetune.data.encode import ChatEncoder
+    from finetune.data.formats import row_to_examples
+    from finetune.training import SupervisedLogitsLoss, keeps_logits
+
+    encoder = ChatEncoder(processor, max_length=512)
+    rows = [{"image": "x.png", "question": "What colour?", "answer": "red"},
+            {"conversations": [{"from": "human", "value": "Hi, how many shapes?"}, {"from": "gpt", "value": "Three."},
+                               {"from": "human", "value": "And?"}, {"from": "gpt", "value": "Nothing more."}]}]
+    features = [encoder.encode(row_to_examples(r)[0], images=[shapes_image] if "image" in r else None) for r in rows]
+    batch = Collator(encoder.pad_token_id)(features)
+    torch.manual_seed(0)
+    model = attach_adapters(AutoModelForImageTextToText.from_pretrained(random_tiny), AdapterConfig(dropout=0.0))
+    assert keeps_logits(model)
+    loss_fn = SupervisedLogitsLoss()
+    labels = batch.pop("labels")
+    keep = loss_fn.positions(labels)
+    assert 0 < len(keep) < labels.shape[1] - 1  # prompt, image and padding positions are skipped
+    ours = loss_fn(model(**batch, logits_to_keep=keep), labels, num_items_in_batch=items)
+    ours.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    extra = {} if items is None else {"num_items_in_batch": items}
+    theirs = model(**batch, labels=labels, **extra).loss
+    theirs.backward()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-4, atol=1e-7)
