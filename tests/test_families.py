@@ -230,3 +230,23 @@ def test_logits_at_supervised_positions_only_give_the_models_own_loss(name, tmp_
         ours = loss(model(**batch, logits_to_keep=loss.positions(labels)), labels)
         theirs = model(**batch, labels=labels).loss
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vqa", "multi-turn", "text-only", "system"])
+@pytest.mark.parametrize("name", CHAT_FAMILIES)
+def test_the_encoder_renders_what_apply_chat_template_renders(name, kind, tmp_path_factory):
+    """The encoder renders the template directly (faster); the text must be the processor's own."""
+    from finetune.data.encode import _content_parts
+
+    family = FAMILIES[name]
+    _, processor = open_processor(name, tmp_path_factory)
+    encoder = make_encoder(processor, 4096)
+    messages = list(row_to_examples(rows(family)[kind])[0].messages)
+    for upto, prompt in ((len(messages), False), (len(messages) - 1, True)):
+        parts = [{"role": m["role"], "content": _content_parts(m["content"])} for m in messages[:upto]]
+        theirs = processor.apply_chat_template(parts, tokenize=False, add_generation_prompt=prompt)
+        ours = encoder.render(messages[:upto], add_generation_prompt=prompt)
+        expected = theirs.replace("<\\s>", encoder.eos)
+        if encoder.bos and not expected.startswith(encoder.bos):
+            expected = encoder.bos + expected  # the BOS the template leaves to the tokenizer
+        assert ours == expected
