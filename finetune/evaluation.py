@@ -141,12 +141,13 @@ def open_target(target, overrides=None):
     from finetune.models import inference_device, load_model
     from finetune.run import HUB_ID, Run, is_run_folder
 
-    if isinstance(target, (str, Path)) and not is_run_folder(target) and not _is_recipe(target):
-        if Path(target).expanduser().is_dir():
-            raise ConfigError(f"{target} is a folder without adapter_config.json: not a finished run")
-        if not HUB_ID.match(str(target)):
-            find_recipe(target)  # raises the "recipe not found" message with suggestions
-    if isinstance(target, (str, Path)) and not _is_recipe(target):
+    # A run folder wins over a shipped recipe of the same name (a run saved as ./vqa); then recipes; then Hub ids.
+    if isinstance(target, (str, Path)) and (is_run_folder(target) or not _is_recipe(target)):
+        if not is_run_folder(target):
+            if Path(target).expanduser().is_dir():
+                raise ConfigError(f"{target} is a folder without adapter_config.json: not a finished run")
+            if not HUB_ID.match(str(target)):
+                find_recipe(target)  # raises the "recipe not found" message with suggestions
         run = Run.open(target, overrides=overrides)
         model, processor = run.load()
         return model, processor, run.recipe, run

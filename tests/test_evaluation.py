@@ -146,3 +146,14 @@ def test_the_demo_learns_to_stop_on_ninety_one_word_answers(tmp_path):
                        "data.eval": str(files["eval"])})
     after = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert after["examples"] == 50 and after["answers_ended"] >= 0.95, after
+
+
+def test_a_run_folder_named_like_a_shipped_recipe_is_the_run(small_run, tmp_path, monkeypatch):
+    import shutil
+
+    from finetune.evaluation import open_target
+
+    shutil.copytree(small_run, tmp_path / "vqa")
+    monkeypatch.chdir(tmp_path)
+    _, _, recipe, run = open_target("vqa")  # the run folder ./vqa, not recipes/vqa.yaml (LLaVA-1.5-7B)
+    assert run is not None and recipe.model.name == "tiny-llava"
