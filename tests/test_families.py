@@ -96,6 +96,8 @@ def test_replies_and_their_end_of_turn_are_supervised_and_bos_is_there_once(name
         bos = tokenizer.convert_tokens_to_ids(family.bos)
         assert ids[0] == bos and ids.count(bos) == 1
     assert "<\\s>" not in tokenizer.decode(ids)  # no literal stand-in for </s>
+    text = encoder.conversation(list(row_to_examples(rows(family)[kind])[0].messages))[0]
+    assert family.image_token + "\n\n" not in text  # LLaVA-style "<image>\nQ" keeps one newline, not two
 
 
 @pytest.mark.parametrize("name", CHAT_FAMILIES)

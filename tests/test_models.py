@@ -179,3 +179,30 @@ def test_inference_loads_on_the_gpu_when_there_is_one(random_tiny, monkeypatch, 
 
     open_target({"model": {"name": str(random_tiny), "dtype": "float32"}, "output_dir": str(tmp_path)})
     assert seen == ["cuda:1"]  # a run (Run.load) takes the same device: finetune.models.inference_device
+
+
+def test_processor_options_from_the_recipe_reach_the_processor_and_the_run(random_tiny, tmp_path):
+    from finetune.models import load_processor
+
+    default = load_processor(ModelConfig(name=str(random_tiny)))
+    changed = load_processor(ModelConfig(name=str(random_tiny), processor={"vision_feature_select_strategy": "full"}))
+    assert default.vision_feature_select_strategy == "default" and changed.vision_feature_select_strategy == "full"
+    changed.save_pretrained(tmp_path)  # what a run folder keeps, so evaluation sees what training saw
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(tmp_path).vision_feature_select_strategy == "full"
+
+
+def test_sharded_training_reports_eval_loss_only_and_refuses_a_generated_metric(monkeypatch):
+    from finetune.config import load_recipe
+    from finetune.errors import ConfigError
+    from finetune.training import _task_metric_impossible, sharded, training_arguments
+
+    args = training_arguments(load_recipe("demo/vqa", {"train.eval_strategy": "steps"}))
+    assert not sharded(args) and not _task_metric_impossible(args)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert sharded(args) and _task_metric_impossible(args)
+    best = training_arguments(load_recipe("demo/vqa", {"train.eval_strategy": "steps", "train.save_strategy": "steps",
+                                                       "train.metric_for_best_model": "vqa_accuracy"}))
+    with pytest.raises(ConfigError, match="needs generation"):
+        _task_metric_impossible(best)
