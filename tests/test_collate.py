@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from labels import supervised_runs
 
 from finetune.data.collate import Collator
 from finetune.data.encode import IGNORE, ChatEncoder, TooLong
@@ -48,26 +49,16 @@ def encoder(request, processor):
     return enc
 
 
-def supervised_runs(features, tokenizer):
+def supervised_text(features, tokenizer):
     """Decode each contiguous run of supervised tokens."""
-    runs, current = [], []
-    for token, label in zip(features["input_ids"], features["labels"]):
-        if label != IGNORE:
-            assert label == token
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return [tokenizer.decode(run) for run in runs]
+    return [tokenizer.decode(run) for run in supervised_runs(features)]
 
 
 def test_only_assistant_replies_are_supervised(encoder, shapes_image):
     example = row_to_examples(CONVERSATION, system_prompt="You are terse.")[0]
     features = encoder.encode(example, images=[shapes_image])
     eot = encoder.end_of_turn
-    assert supervised_runs(features, encoder.tokenizer) == [f"It is red.{eot}", f"Two circles, side by side.{eot}"]
+    assert supervised_text(features, encoder.tokenizer) == [f"It is red.{eot}", f"Two circles, side by side.{eot}"]
     # The image was expanded to the processor's image tokens, none of them supervised.
     image_positions = [i for i, t in enumerate(features["input_ids"]) if t == encoder.image_token_id]
     assert len(image_positions) > 1

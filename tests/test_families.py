@@ -9,12 +9,13 @@ import math
 import pytest
 import torch
 from families import FAMILIES, twin
+from labels import supervised_runs
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from finetune.config import AdapterConfig, ModelConfig
 from finetune.data.collate import Collator
-from finetune.data.encode import IGNORE, make_encoder
+from finetune.data.encode import make_encoder
 from finetune.data.formats import row_to_examples
 from finetune.errors import FinetuneError
 from finetune.generation import answer_text, generate, greedy_config, stop_token_ids
@@ -63,18 +64,6 @@ def encoded(family, processor, kind):
     encoder = make_encoder(processor, max_length=4096)
     example = row_to_examples(rows(family)[kind])[0]
     return encoder, encoder.encode(example, images=[image(family)] * len(example.images))
-
-
-def supervised_runs(features):
-    runs, current = [], []
-    for token, label in zip(features["input_ids"], features["labels"]):
-        if label != IGNORE:
-            assert label == token
-            current.append(token)
-        elif current:
-            runs.append(current)
-            current = []
-    return runs + ([current] if current else [])
 
 
 @pytest.mark.parametrize("kind", ["vqa", "multi-turn", "text-only", "system"])
