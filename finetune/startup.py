@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 BITSANDBYTES = "bitsandbytes"
@@ -29,6 +30,9 @@ def quiet_optional_kernel_notice() -> None:
     logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
     if not any(isinstance(f, _HubKernelNotice) for f in logger.filters):
         logger.addFilter(_HubKernelNotice())
+    # peft asks transformers 5 for `is_gradient_checkpointing`, which warns it was renamed: a note to peft's
+    # authors that every run would print; only this one warning is silenced.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def skip_bitsandbytes_unless_needed(target: str | None, overrides: list[str] | None = None) -> bool:

@@ -34,11 +34,17 @@ def check_data(recipe, overrides=None, write=print) -> bool:
             _, _, report = check_examples(spec, relaxed, encoder, split)
         problems = report.problems + [(loc, f"too long for data.max_length={cfg.max_length} ({length} tokens)")
                                       for loc, length in report.too_long]
+        problems.sort(key=lambda problem: _row_number(problem[0]))  # in file order, however they were found
         for location, reason in problems:
             write(f"{location}: {reason}")
         write(_summary(report, problems))
         ok = ok and not problems
     return ok
+
+
+def _row_number(location: str) -> int:
+    row = location.rpartition(":")[2]
+    return int(row) if row.isdigit() else -1
 
 
 def _summary(report: Report, problems: list) -> str:
