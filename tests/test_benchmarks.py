@@ -47,3 +47,10 @@ def test_vs_trl_measures_both_sides_the_same_way(tmp_path):
         run = summary["runs"][side][0]
         assert run["steps"] == 2 and 0 < run["real_tokens"] <= run["tensor_tokens"]
         assert 0 <= run["padding"] < 1 and run["first_step_s"] < run["wall_s"]
+
+
+def test_dropout_benchmark_prints_both_sides():
+    done = subprocess.run([sys.executable, "benchmarks/dropout.py", "--shape", "4", "64", "--repeats", "2"], cwd=ROOT,
+                          text=True, capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "torch nn.Dropout" in done.stdout and "CpuDropout" in done.stdout

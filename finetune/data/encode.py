@@ -18,7 +18,7 @@ import difflib
 from pathlib import Path
 
 import torch
-from transformers.utils.chat_template_utils import render_jinja_template
+from transformers.utils import chat_template_utils
 
 from finetune.data.formats import IMAGE, Example
 from finetune.data.images import open_image
@@ -98,7 +98,8 @@ class ChatEncoder(_Encoder):
             raise DataError("the model's processor has no chat template; this model cannot be trained on chat data")
         template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         self.template = template["default"] if isinstance(template, dict) else template
-        self.template_kwargs = dict(self.tokenizer.special_tokens_map)
+        # Plain JSON types, as render_jinja_template makes them (on every call; here once).
+        self.template_kwargs = chat_template_utils._plain_template_data(dict(self.tokenizer.special_tokens_map))
         self.bos = self.tokenizer.bos_token if _tokenizer_adds_bos(self.tokenizer) else None
         self.eos = self.tokenizer.eos_token
         self._end_of_turn: set[int] | None = None
@@ -107,12 +108,14 @@ class ChatEncoder(_Encoder):
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The chat template's text (each image part rendered by the template itself), with literal stand-ins
         for the end-of-sequence token replaced and the tokenizer's BOS in front when the template omits it."""
-        parts = [{"role": m["role"], "content": _content_parts(m["content"])} for m in messages]
+        parts = [{"role": str(m["role"]), "content": _content_parts(m["content"])} for m in messages]
         try:
-            # What processor.apply_chat_template(tokenize=False) renders, without its per-call set-up, which costs
-            # more than the rendering itself (the data check renders every row several times).
-            text = render_jinja_template(conversations=[parts], chat_template=self.template,
-                                         add_generation_prompt=add_generation_prompt, **self.template_kwargs)[0][0]
+            # What processor.apply_chat_template(tokenize=False) renders, from transformers' compiled (sandboxed)
+            # template, without the per-call set-up of either: that set-up turns the inputs into plain JSON types,
+            # which these parts already are, and cost more than the rendering itself (the data check renders
+            # every row at least twice).
+            text = _compiled(self.template).render(messages=parts, tools=None, documents=None,
+                                                   add_generation_prompt=add_generation_prompt, **self.template_kwargs)
         except Exception as err:  # noqa: BLE001 - jinja's raise_exception and template bugs: the row's message
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise DataError(f"the chat template rejected the row: {first}") from None
@@ -134,7 +137,8 @@ class ChatEncoder(_Encoder):
             if message["role"] != "assistant":
                 continue
             before = self.render(messages[:i], add_generation_prompt=True)
-            through = self.render(messages[: i + 1])
+            last = i == len(messages) - 1 and not add_generation_prompt
+            through = full if last else self.render(messages[: i + 1])
             if not (through.startswith(before) and full.startswith(through)):
                 raise DataError("the chat template re-renders earlier turns; cannot locate assistant replies")
             content = str(message["content"]).strip()
@@ -255,6 +259,11 @@ def _tokenizer_adds_bos(tokenizer) -> bool:
     if tokenizer.bos_token_id is None:
         return False
     return tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]
+
+
+def _compiled(template: str):
+    """The template as transformers compiles it (cached by transformers; its sandbox and extensions)."""
+    return chat_template_utils._compile_jinja_template(template)
 
 
 def _content_parts(content: str) -> list[dict]:
