@@ -1,12 +1,11 @@
 """LoRA's input dropout, made cheap on the CPU.
 
 peft puts an nn.Dropout in front of every LoRA layer. On the CPU, torch's dropout draws one 32-bit random number
-per element (bernoulli_) and keeps a float mask for the backward pass; for a small decoder that costs more than
-the layer's matmuls (a quarter of a step on the benchmarks/vs_trl.py fixture). `CpuDropout` draws 16 random bits
-per element from the same generator (so seeds, resumes and activation checkpointing replay it as they replay
-torch's) and builds the mask in three cheap passes instead of four. Elsewhere (CUDA and other devices, whose dropout is one fused kernel) and in
-eval mode it is torch's own dropout. No maintained library offers this: torch has no cheaper CPU dropout, and
-peft takes whatever module sits in `lora_dropout`.
+per element (bernoulli_); for a small decoder that costs more than the layer's matmuls (a quarter of a step on the
+benchmarks/vs_trl.py fixture). `CpuDropout` draws 16 random bits per element, four per 64-bit draw, from the same
+generator, so seeds, resumes and activation checkpointing replay it as they replay torch's. On other devices
+(CUDA's dropout is one fused kernel) and in eval mode it is torch's own dropout. No maintained library offers this:
+torch has no cheaper CPU dropout, and peft takes whatever module sits in `lora_dropout`.
 """
 
 from __future__ import annotations
