@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import sys
 
+from finetune.startup import skip_bitsandbytes_unless_needed
+
+# What finetune.cli.main does first, done here before finetune.training (and with it peft) is imported below, so
+# this process starts exactly as the command does: without bitsandbytes when the recipe is not 4-bit.
+skip_bitsandbytes_unless_needed(sys.argv[1], sys.argv[2:])
+
 from _measure import BenchCallback, CountingCollator, log
 
 from finetune import training

@@ -16,8 +16,9 @@ on_train_end), time to first step (spawn to the end of step 1), non-pad tokens/s
 stepped on: the examples' tokens against input_ids.numel(), by wrapping each trainer's collator).
 Differences that remain: TRL's loss covers every token (its assistant_only_loss needs {% generation %} markers
 that this chat template lacks), ours only the replies; `finetune train` also checks every row before the first
-step and writes its run folder (report, model card), TRL saves the adapter; on a CPU our LoRA dropout draws its
-masks with finetune.lora_dropout.CpuDropout, TRL's with torch's nn.Dropout (same p, same statistics).
+step and writes its run folder (report, model card), TRL saves the adapter; on a CPU our LoRA layers run
+finetune.lora_dropout.CpuDropout (same p and statistics as TRL's nn.Dropout) and finetune.lora_forward (the same
+values as peft's forward, with fewer passes over memory).
 """
 
 from __future__ import annotations

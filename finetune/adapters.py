@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from finetune.config import AdapterConfig
 from finetune.errors import ConfigError
 from finetune.lora_dropout import use_cpu_dropout
+from finetune.lora_forward import use_fused_lora_forward
 from finetune.parts import (
     ATTENTION_LINEARS,
     DUAL_PROJECTIONS,
@@ -115,6 +116,7 @@ def attach_adapters(model, cfg: AdapterConfig, gradient_checkpointing: bool = Fa
     )
     model = get_peft_model(model, lora)
     use_cpu_dropout(model)
+    use_fused_lora_forward(model)
     if not cfg.lora:
         for name, param in model.named_parameters():
             if "lora_" in name:

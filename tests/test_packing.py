@@ -2,7 +2,6 @@
 ones: the same per-example losses and the same gradients, images on their own examples; families that cannot
 pack pad instead. Plus the length-grouped sampler that makes batches of neighbours in length."""
 
-import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 from families import twin
 from PIL import Image
 from transformers import AutoModelForImageTextToText, Qwen2VLConfig
+from transformers.masking_utils import find_packed_sequence_indices
 
 from finetune.config import ModelConfig, load_recipe
 from finetune.data.collate import Collator, first_fit
@@ -43,20 +43,19 @@ def features(folder):
 
 
 def per_example_losses(model, batch, feats):
-    """Each example's mean loss over its own supervised tokens, found by its input_ids wherever the batch put it."""
+    """Each example's mean loss over its own supervised tokens, found by its input_ids wherever the batch put it:
+    at a row's start or where the positions restart (a packed row), padding or not after it."""
     logits = model(**batch).logits.float()
-    found = {}
-    for r, (ids, labels, logit) in enumerate(zip(batch["input_ids"].tolist(), batch["labels"], logits)):
-        if "position_ids" in batch:
-            starts = [i for i, p in enumerate(batch["position_ids"][r].tolist()) if p == 0] + [len(ids)]
-        else:
-            starts = [0, int(batch["attention_mask"][r].sum())]
-        for s, e in itertools.pairwise(starts):
-            target = labels[s + 1 : e]
-            if (target != IGNORE).any():
-                found[tuple(ids[s:e])] = torch.nn.functional.cross_entropy(logit[s : e - 1], target,
-                                                                           ignore_index=IGNORE)
-    return torch.stack([found[tuple(f["input_ids"])] for f in feats])
+    rows = batch["input_ids"].tolist()
+    starts = [(r, i) for r, positions in enumerate(batch["position_ids"].tolist()) for i, p in enumerate(positions)
+              if p == 0] if "position_ids" in batch else [(r, 0) for r in range(len(rows))]
+    losses = []
+    for f in feats:
+        ids, n = f["input_ids"], len(f["input_ids"])
+        (r, s), = [(r, s) for r, s in starts if rows[r][s : s + n] == ids]
+        losses.append(torch.nn.functional.cross_entropy(logits[r, s : s + n - 1], batch["labels"][r, s + 1 : s + n],
+                                                        ignore_index=IGNORE))
+    return torch.stack(losses)
 
 
 def compare(folder, layouts=("rows", "flat")):
@@ -112,6 +111,33 @@ def test_gemma3_falls_back_to_padding(tmp_path_factory, caplog):
     assert not torch.allclose(padded, packed, atol=1e-5)
     # The padded batch the run uses instead keeps its attention mask.
     assert "attention_mask" in Collator(encoder.pad_token_id, packing_layout("auto", model))(feats)
+
+
+def test_rows_of_one_example_run_causal_attention_without_a_mask(random_tiny, monkeypatch):
+    """Length-grouped batches mostly hold one example per row. The padding then continues each row's positions, so
+    transformers finds no packed sequence and builds no mask: sdpa runs causal (skipping the masked-off half), and
+    the losses are still the padded batch's. A row of two examples still gets the mask that keeps them apart."""
+    encoder, feats = features(random_tiny)
+    model = AutoModelForImageTextToText.from_pretrained(random_tiny, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((attn_mask is None, is_causal))
+        return sdpa(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    apart = [feats[1], feats[3], feats[4]]  # 87, 103 and 85 tokens: no two fit in a row of 103
+    batch = Collator(encoder.pad_token_id, "rows")(apart)
+    assert batch["input_ids"].shape[0] == 3 and "attention_mask" not in batch
+    assert find_packed_sequence_indices(batch["position_ids"]) is None
+    losses = per_example_losses(model, batch, apart)
+    assert (True, True) in calls and all(no_mask for no_mask, _ in calls)  # decoder causal, vision tower unmasked
+    assert torch.allclose(losses, per_example_losses(model, Collator(encoder.pad_token_id)(apart), apart), atol=1e-5)
+    calls.clear()
+    per_example_losses(model, Collator(encoder.pad_token_id, "rows")(feats), feats)  # 28 + 103 share a row
+    assert (False, False) in calls
 
 
 def test_no_example_is_a_target_of_the_one_before(random_tiny):

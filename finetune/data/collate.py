@@ -12,8 +12,9 @@ class Collator:
 
     `packing` ("rows" or "flat", see finetune.data.packing) packs the examples instead: each row holds one or more
     whole examples end to end, `position_ids` restart at 0 for each, and there is no `attention_mask`, from which
-    transformers keeps each example from attending to another. Image tensors follow the examples' order in the
-    packed rows, which is the order their image tokens appear in, so every image lands on its own tokens.
+    transformers keeps each example from attending to another. A row's padding continues its last example's
+    positions, so a batch whose rows hold one example each needs no mask at all. Image tensors follow the examples'
+    order in the packed rows, which is the order their image tokens appear in, so every image lands on its own tokens.
     """
 
     def __init__(self, pad_token_id: int, packing: str | None = None):
@@ -66,7 +67,10 @@ class Collator:
             tail = width - len(line["input_ids"])
             for key in token_keys:
                 line[key] += [self._pad_value(key)] * tail
-            line["position_ids"] += range(tail)  # padding is a sequence of its own, outside the loss
+            # Padding continues the row's last example: it comes after every real token, so causal attention keeps
+            # it out of their view, and it is outside the loss. A row of one example is then not a packed row,
+            # and when no row is, transformers needs no mask at all (sdpa runs causal and skips the masked half).
+            line["position_ids"] += range(n, n + tail)
             for key, values in line.items():
                 columns[key].append(values)
         batch = {key: torch.tensor(values) for key, values in columns.items()}
