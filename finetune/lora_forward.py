@@ -3,8 +3,9 @@
 peft computes a LoRA Linear as `result + lora_B(lora_A(dropout(x))) * scaling`: three full-width tensors (B's
 output, its scaled copy, the sum) and, backwards, a full-width `grad * scaling`. For a small decoder on a CPU
 those passes over memory cost as much as the matmuls beside them. Here the scaling is applied to A's r-wide
-output instead and B's product is added to the base output inside the matmul (`torch.addmm`), which leaves the
-one full-width output and the same value and gradients. No maintained library offers this for peft's layers.
+output instead and B's product is added to the base output inside the matmul (`addmm_`), which leaves the
+one full-width output (the base layer's, added to in place) and the same values and gradients. No maintained
+library offers this for peft's layers.
 
 The fast path covers plain LoRA only (one active adapter, no DoRA or other variant, not merged, no per-row
 adapter names) around a plain nn.Linear on the CPU; everything else runs peft's own forward.
@@ -23,15 +24,18 @@ def lora_linear_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> t
     adapter = _plain_adapter(self, x, args, kwargs)
     if adapter is None:
         return LoraLinear.forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
+    # In 2-D, so the base layer's output is a fresh tensor that B's product can be added into in place (autograd
+    # allows it: a Linear keeps its input for the backward pass, not its output).
+    flat = x.reshape(-1, x.shape[-1])
+    result = self.base_layer(flat)
     lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
     # (A x) s is r wide where B (A x) s is the layer's full width: the same product, scaled where it is cheap.
-    hidden = lora_a(self.lora_dropout[adapter](x.to(lora_a.weight.dtype))) * self.scaling[adapter]
-    width = result.shape[-1]
-    fused = torch.addmm(result.reshape(-1, width).to(lora_b.weight.dtype),
-                        hidden.reshape(-1, hidden.shape[-1]), lora_b.weight.t())
-    return fused.view(result.shape).to(result.dtype)
-
+    hidden = lora_a(self.lora_dropout[adapter](flat.to(lora_a.weight.dtype))) * self.scaling[adapter]
+    if result.dtype == lora_b.weight.dtype:
+        result.addmm_(hidden, lora_b.weight.t())
+    else:  # a 16-bit base with a 32-bit adapter: peft adds in the adapter's dtype, then casts back
+        result = torch.addmm(result.to(lora_b.weight.dtype), hidden, lora_b.weight.t()).to(result.dtype)
+    return result.view(*x.shape[:-1], result.shape[-1])
 
 def _plain_adapter(layer: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
     """The one active adapter when this call is plain LoRA on the CPU, else None (peft's forward then runs)."""

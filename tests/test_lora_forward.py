@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
 from finetune.adapters import attach_adapters
@@ -26,10 +27,11 @@ def two_layers(dtype=torch.float32, **lora):
     return model
 
 
-def addmm_calls(monkeypatch):
+def peft_forward_calls(monkeypatch):
+    """Counts calls of peft's own LoRA Linear forward (the fused forward falls back to it)."""
     calls = []
-    addmm = torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or addmm(*a, **k))
+    forward = LoraLinear.forward
+    monkeypatch.setattr(LoraLinear, "forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
     return calls
 
 
@@ -46,18 +48,19 @@ def test_same_output_and_gradients_as_peft(dropout, monkeypatch):
     ours = copy.deepcopy(theirs)
     use_cpu_dropout(theirs), use_cpu_dropout(ours)  # the same masks from the same seed on both sides
     assert use_fused_lora_forward(ours) == 2
-    calls = addmm_calls(monkeypatch)
+    calls = peft_forward_calls(monkeypatch)
     x = torch.randn(3, 5, 32)
-    expected, expected_grads = run(theirs, x.clone().requires_grad_())
-    assert not calls
+    x_theirs = x.clone().requires_grad_()
+    expected, expected_grads = run(theirs, x_theirs)
+    assert len(calls) == 2
     x_ours = x.clone().requires_grad_()
     got, grads = run(ours, x_ours)
-    assert len(calls) == 2
+    assert len(calls) == 2  # the fused forward ran, not peft's
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_ours.grad, x_theirs.grad, rtol=1e-4, atol=1e-4)
     assert grads.keys() == expected_grads.keys() and any("lora_A" in n for n in grads)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-4)
-    assert x_ours.grad is not None
 
 
 def test_16_bit_base_with_32_bit_adapter_keeps_peft_dtypes():
@@ -74,29 +77,32 @@ def test_16_bit_base_with_32_bit_adapter_keeps_peft_dtypes():
 
 
 def test_layers_that_are_not_plain_lora_run_peft_forward(monkeypatch):
-    calls = addmm_calls(monkeypatch)
+    calls = peft_forward_calls(monkeypatch)
     x = torch.randn(2, 32)
 
     dora = two_layers(use_dora=True)
     expected = dora(x)
     use_fused_lora_forward(dora)
+    calls.clear()
     torch.testing.assert_close(dora(x), expected)
-    assert not calls  # DoRA is a peft "variant": its own forward
+    assert len(calls) == 2  # DoRA is a peft "variant": its own forward
 
     model = two_layers()
     reference = copy.deepcopy(model)
     use_fused_lora_forward(model)
     with reference.disable_adapter():
         base_only = reference(x)
+    with_adapter = reference(x)
+    calls.clear()
     with model.disable_adapter():
         torch.testing.assert_close(model(x), base_only)
-    assert not calls
+    assert len(calls) == 2
     model.merge_adapter()
-    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
-    assert not calls
+    torch.testing.assert_close(model(x), with_adapter, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 4
     model.unmerge_adapter()
     model(x)
-    assert len(calls) == 2
+    assert len(calls) == 4
 
 
 def test_attach_adapters_fuses_every_lora_linear(random_tiny):
