@@ -23,15 +23,23 @@ class CpuDropout(nn.Dropout):
     """nn.Dropout with a 16-bit mask on the CPU; the kept elements are scaled by 1 / (1 - the rounded p)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drawn = self.keep_mask(x)
+        if drawn is None:
+            return super().forward(x)
+        mask, scale = drawn  # autograd keeps the mask for the backward pass, like torch's own dropout
+        return x * mask.mul_(scale)
+
+    def keep_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+        """This call's 0/1 mask in x's dtype and the scale of the kept elements; None where torch's dropout runs
+        instead (eval mode, p of 0 or 1, in place, not on the CPU). finetune.lora_forward applies the scale to
+        LoRA's r-wide product instead of to the mask."""
         dropped = round(self.p * LEVELS)
         if not self.training or x.device.type != "cpu" or dropped in (0, LEVELS) or self.inplace:
-            return super().forward(x)
-        # Four 16-bit lanes per 64-bit word, each uniform on [-32768, 32767]; the mask is written straight into
-        # x's dtype and scaled, and autograd keeps it for the backward pass like torch's own.
+            return None
+        # Four 16-bit lanes per 64-bit word, each uniform on [-32768, 32767], compared straight into x's dtype.
         lanes = torch.from_numpy(random_words((x.numel() + 3) // 4).view(np.int16)[: x.numel()]).view(x.shape)
         mask = torch.ge(lanes, dropped - LEVELS // 2, out=torch.empty(x.shape, dtype=x.dtype))
-        return x * mask.mul_(LEVELS / (LEVELS - dropped))
-
+        return mask, LEVELS / (LEVELS - dropped)
 
 def random_words(count: int) -> np.ndarray:
     """`count` uniform 64-bit words from a PCG64 seeded by one draw from torch's default CPU generator."""

@@ -19,6 +19,8 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from finetune.lora_dropout import CpuDropout
+
 
 def lora_linear_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     adapter = _plain_adapter(self, x, args, kwargs)
@@ -29,13 +31,21 @@ def lora_linear_forward(self: LoraLinear, x: torch.Tensor, *args, **kwargs) -> t
     flat = x.reshape(-1, x.shape[-1])
     result = self.base_layer(flat)
     lora_a, lora_b = self.lora_A[adapter], self.lora_B[adapter]
-    # (A x) s is r wide where B (A x) s is the layer's full width: the same product, scaled where it is cheap.
-    hidden = lora_a(self.lora_dropout[adapter](flat.to(lora_a.weight.dtype))) * self.scaling[adapter]
+    # (A x) s is r wide where B (A x) s is the layer's full width: the same product, scaled where it is cheap;
+    # CpuDropout's scale for the kept elements goes there too, instead of into a full-width mask.
+    flat, scaling, dropout = flat.to(lora_a.weight.dtype), self.scaling[adapter], self.lora_dropout[adapter]
+    drawn = dropout.keep_mask(flat) if isinstance(dropout, CpuDropout) else None
+    if drawn is None:
+        hidden = lora_a(dropout(flat)) * scaling
+    else:
+        mask, keep_scale = drawn
+        hidden = lora_a(flat * mask) * (scaling * keep_scale)
     if result.dtype == lora_b.weight.dtype:
         result.addmm_(hidden, lora_b.weight.t())
     else:  # a 16-bit base with a 32-bit adapter: peft adds in the adapter's dtype, then casts back
         result = torch.addmm(result.to(lora_b.weight.dtype), hidden, lora_b.weight.t()).to(result.dtype)
     return result.view(*x.shape[:-1], result.shape[-1])
+
 
 def _plain_adapter(layer: LoraLinear, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
     """The one active adapter when this call is plain LoRA on the CPU, else None (peft's forward then runs)."""

@@ -54,3 +54,11 @@ def test_dropout_benchmark_prints_both_sides():
                           text=True, capture_output=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "torch nn.Dropout" in done.stdout and "CpuDropout" in done.stdout
+
+
+def test_lora_layer_benchmark_prints_both_forwards():
+    done = subprocess.run([sys.executable, "benchmarks/lora_layer.py", "--tokens", "16", "--features", "8", "12",
+                           "--r", "2", "--repeats", "1"], cwd=ROOT, text=True, capture_output=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "peft's forward" in done.stdout and "finetune.lora_forward" in done.stdout
