@@ -14,11 +14,9 @@ import time
 import types
 
 import torch
-from peft import LoraConfig, get_peft_model
-from peft.tuners.lora.layer import Linear as LoraLinear
 
 from finetune.lora_dropout import use_cpu_dropout
-from finetune.lora_forward import lora_linear_forward
+from finetune.lora_forward import LoraLinear, lora_linear_forward
 
 
 def step_ms(model: torch.nn.Module, x: torch.Tensor, steps: int = 20) -> float:
@@ -36,6 +34,9 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.05)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    # peft after finetune, which quiets bitsandbytes' start-up notice
+    from peft import LoraConfig, get_peft_model
+
     torch.manual_seed(0)
     config = LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=args.dropout, target_modules=["0"])
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(*args.features)), config)
