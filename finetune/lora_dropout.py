@@ -41,6 +41,7 @@ class CpuDropout(nn.Dropout):
         mask = torch.ge(lanes, dropped - LEVELS // 2, out=torch.empty(x.shape, dtype=x.dtype))
         return mask, LEVELS / (LEVELS - dropped)
 
+
 def random_words(count: int) -> np.ndarray:
     """`count` uniform 64-bit words from a PCG64 seeded by one draw from torch's default CPU generator."""
     seed = int(torch.randint(0, 1 << 62, (1,)))
