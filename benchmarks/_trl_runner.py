@@ -4,8 +4,9 @@ DataCollatorForVisionLanguageModeling: chat template + processor per batch, padd
 
     python benchmarks/_trl_runner.py CONFIG.json
 
-CONFIG.json: model, data, output_dir, max_length, steps, batch, learning_rate, seed, lora {r, alpha, dropout,
-targets}, and optionally quantization "4bit", bf16, gradient_checkpointing (benchmarks/gpu.py).
+CONFIG.json: model, data, output_dir, max_length, steps, batch, learning_rate, logging_steps (the parent passes
+ours the same: each log reads the loss back from the GPU), seed, lora {r, alpha, dropout, targets}, and optionally
+quantization "4bit", bf16, gradient_checkpointing (benchmarks/gpu.py).
 """
 
 from __future__ import annotations
@@ -51,8 +52,9 @@ def main(config_path: str) -> None:
     args = SFTConfig(
         output_dir=cfg["output_dir"], max_length=cfg["max_length"], max_steps=cfg["steps"],
         per_device_train_batch_size=cfg["batch"], learning_rate=cfg["learning_rate"], lr_scheduler_type="cosine",
-        warmup_steps=0.03, logging_steps=10, save_strategy="no", report_to="none", dataloader_num_workers=0,
-        seed=cfg["seed"], bf16=bool(cfg.get("bf16")), gradient_checkpointing=bool(cfg.get("gradient_checkpointing")),
+        warmup_steps=0.03, logging_steps=cfg["logging_steps"], save_strategy="no", report_to="none",
+        dataloader_num_workers=0, seed=cfg["seed"], bf16=bool(cfg.get("bf16")),
+        gradient_checkpointing=bool(cfg.get("gradient_checkpointing")),
         gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_pin_memory=torch.cuda.is_available(),
     )
     callback = BenchCallback()

@@ -2,7 +2,9 @@
 tokens/s. Random weights, built here: nothing is downloaded.
 
     pip install -e ".[qlora,bench]"
-    python benchmarks/gpu.py [--steps 10] [--seq 1024] [--json] [--only ours|trl] [--work DIR]
+    python benchmarks/gpu.py [--batch 1] [--steps 10] [--seq 1024] [--json] [--save FILE] [--only ours|trl]
+                             [--work DIR]
+    python benchmarks/gpu.py --batch 8                 # mixed-length rows: ours groups by length and packs, TRL pads
     python benchmarks/gpu.py --tiny --steps 1          # the same code path on the CPU, a tiny shape (tests use it)
 
 The model is LlavaForConditionalGeneration with llava-hf/llava-1.5-7b-hf's sizes: a CLIP ViT-L/14 tower at
@@ -12,18 +14,24 @@ and a 32064-token vocabulary; these are transformers' LlavaConfig defaults, docu
 embedded tiny-llava's (a small BPE with a ChatML template): token ids are small, the shapes are the real ones.
 It is created on the GPU in bf16 and written once (~14 GB of safetensors) to --work; a rerun reuses it.
 
-Both sides then train on the same rows (one 336 px image + a long answer each, cut to --seq tokens by both) at
-batch 1: NF4 4-bit decoder with double quantization (vision tower, projector and lm_head kept 16-bit on both
-sides), bf16, gradient checkpointing (non-reentrant), LoRA r=16 / alpha 32 / dropout 0.05 on the same Linear
-layers. Each runner reports torch.cuda.max_memory_allocated and its tokens/s (benchmarks/_measure.py); this
-parent adds whole-process time and peak RSS. The whole run is sized for about 4 minutes on one H100.
+Both sides then train on the same rows, --steps x --batch of them (one epoch, so both train on every row once and
+on the same non-pad tokens per step), each one 336 px image and an answer: at batch 1 an answer longer than --seq
+tokens, cut to --seq by both; at a larger batch answers of log-uniform length, 1 token to what fits in --seq (many
+short answers and a few long descriptions, as in LLaVA's instruction mix). NF4 4-bit decoder with double
+quantization (vision tower, projector and lm_head kept 16-bit on both sides), bf16, gradient checkpointing
+(non-reentrant), LoRA r=16 / alpha 32 / dropout 0.05 on the same Linear layers, the same logging_steps. Each
+runner reports torch.cuda.max_memory_allocated, its non-pad tokens per step and its tokens/s
+(benchmarks/_measure.py: no per-step GPU sync); this parent adds whole-process time and peak RSS. The batch-1 run
+is sized for about 4 minutes on one H100, checkpoint included.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -51,13 +59,19 @@ TINY = {"vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layer
                  "num_key_value_heads": 2, "max_position_embeddings": 4096}}
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LEARNING_RATE = 2e-4
+LOGGING_STEPS = 10  # the same for both sides, passed to each: every log reads the loss back from the GPU
 SEED = 42
 IMAGE_SIZE = 336  # CLIP ViT-L/14-336: 576 image tokens
+IMAGE_TOKENS = (IMAGE_SIZE // 14) ** 2
+TEMPLATE_TOKENS = 40  # more than the chat template and question add to a row, so a mixed-length row fits in --seq
 CHECKPOINT_GB = 14  # bf16 weights of the 7B shape
+UNEQUAL = "the sides trained on different non-pad tokens per step (ours / TRL {:.4f}x): their tokens/s do not compare"
 ROWS = [
     ("peak_gpu_gib", "peak GPU memory (max_memory_allocated), GiB", "{:.2f}"),
-    ("steady_tokens_per_s", "tokens/s (steps 2..N)", "{:.0f}"),
-    ("tokens_per_s", "tokens/s (all steps)", "{:.0f}"),
+    ("steady_tokens_per_s", "non-pad tokens/s (steps 2..N)", "{:.0f}"),
+    ("tokens_per_s", "non-pad tokens/s (all steps)", "{:.0f}"),
+    ("tokens_per_step", "non-pad tokens per step (must be 1.00x)", "{:,.1f}"),
+    ("padding", "padding share of tokens", "{:.1%}"),
     ("train_s", "training, s", "{:.1f}"),
     ("first_step_s", "time to first step, s", "{:.1f}"),
     ("wall_s", "whole process, s", "{:.1f}"),
@@ -119,8 +133,11 @@ def build_checkpoint(folder: Path, tiny: bool) -> None:
     done.touch()
 
 
-def write_rows(folder: Path, rows: int, seq: int) -> Path:
-    """`rows` rows of one 336 px image and an answer longer than `seq` tokens (both sides cut it to `seq`)."""
+def write_rows(folder: Path, rows: int, seq: int, mixed: bool) -> tuple[Path, list[int]]:
+    """`rows` rows of one 336 px image and an answer: longer than `seq` tokens (both sides cut it to `seq`), or,
+    `mixed`, of log-uniform length from 1 token to what fits in `seq`. Returns the file and the answers' tokens."""
+    from transformers import AutoTokenizer
+
     from finetune.demo import synthetic
     from finetune.demo.tiny import GENERIC_TEXT
 
@@ -128,20 +145,33 @@ def write_rows(folder: Path, rows: int, seq: int) -> Path:
     (data / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(SEED)
     words = " ".join(GENERIC_TEXT.split()).replace(".", "").split()
+    tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+    # A word after a space is its own tokens (the BPE splits at spaces): an answer's length is the sum of its words'.
+    cost = {w: len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in set(words)}
+    budget = seq - IMAGE_TOKENS - TEMPLATE_TOKENS
+    lengths = []
     with open(data / "train.jsonl", "w") as out:
         for i, scene in enumerate(synthetic.make_scenes(rows, SEED)):
             synthetic.render(scene).resize((IMAGE_SIZE, IMAGE_SIZE)).save(data / "images" / f"{i:04d}.png")
-            answer = " ".join(rng.choice(words) for _ in range(seq))
+            target = round(math.exp(rng.uniform(0, math.log(budget)))) if mixed else seq
+            answer, length = [], 0
+            while length < target:
+                answer.append(rng.choice(words))
+                length += cost[answer[-1]]
+            lengths.append(length)
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
-                        {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+                        {"role": "assistant", "content": [{"type": "text", "text": " ".join(answer)}]}]
             out.write(json.dumps({"messages": messages, "images": [f"images/{i:04d}.png"]}) + "\n")
-    return data / "train.jsonl"
+    return data / "train.jsonl", lengths
 
 
 def preflight(args) -> None:
     """Clear one-line reasons to stop before minutes are spent."""
     import torch
 
+    if args.batch > 1 and args.seq - IMAGE_TOKENS - TEMPLATE_TOKENS < 2:
+        raise SystemExit(f"--seq {args.seq} leaves no room for a mixed-length answer after the {IMAGE_TOKENS} image "
+                         f"tokens: use --seq {IMAGE_TOKENS + TEMPLATE_TOKENS + 64} or more")
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("no GPU visible to torch (torch.cuda.is_available() is False): run on a GPU machine, or "
                          "--tiny for the CPU check")
@@ -172,13 +202,31 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU: the same code path, in seconds")
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--seq", type=int, default=1024, help="tokens per example (batch 1)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="rows per step; above 1 the rows are of mixed length (ours groups and packs, TRL pads)")
+    parser.add_argument("--seq", type=int, default=1024,
+                        help="tokens per row: batch-1 rows are cut to it, mixed-length rows are at most this long")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--only", choices=("ours", "trl"))
     parser.add_argument("--work", default=None, help="checkpoint, runs and logs (default: /tmp/finetune-gpu-bench)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
+    parser.add_argument("--save", metavar="FILE", help="also write the JSON figures to FILE")
     args = parser.parse_args(argv)
     args.work = args.work or ("/tmp/finetune-gpu-bench-tiny" if args.tiny else "/tmp/finetune-gpu-bench")
+    # Libraries print warnings on stdout (DeepSpeed's logger when transformers saves the checkpoint): stdout is
+    # kept for the table or the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = run(args)
+    if args.save:
+        Path(args.save).write_text(json.dumps(summary, indent=1))
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(report(summary))
+    return summary
+
+
+def run(args) -> dict:
     began = time.time()
     preflight(args)
     import torch
@@ -189,7 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(args.work)
     build_checkpoint(work, args.tiny)
-    model_dir, data = work / "model", write_rows(work, rows=args.steps + 2, seq=args.seq)
+    mixed = args.batch > 1
+    model_dir = work / "model"
+    data, answers = write_rows(work, rows=args.steps * args.batch, seq=args.seq, mixed=mixed)
     gpu = torch.cuda.is_available() and not args.tiny
     four_bit = quantize(args.tiny)
 
@@ -204,16 +254,18 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {"name": str(model_dir), "quantization": "4bit" if four_bit else "none",
                   "dtype": "bfloat16" if gpu else "float32"},
         "adapter": dict(LORA), "data": {"train": str(data), "max_length": args.seq},
-        "train": {"max_steps": args.steps, "per_device_train_batch_size": 1, "learning_rate": LEARNING_RATE,
-                  "gradient_checkpointing": True, "logging_steps": 1, "save_strategy": "no", "report_to": "none"},
+        "train": {"max_steps": args.steps, "per_device_train_batch_size": args.batch, "learning_rate": LEARNING_RATE,
+                  "gradient_checkpointing": True, "logging_steps": LOGGING_STEPS, "save_strategy": "no",
+                  "report_to": "none"},
     }
     import yaml
 
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     trl_config = {"model": str(model_dir), "data": str(data), "output_dir": str(work / "runs" / "trl"),
-                  "max_length": args.seq, "steps": args.steps, "batch": 1, "learning_rate": LEARNING_RATE,
-                  "seed": SEED, "lora": {**LORA, "targets": targets}, "bf16": gpu, "gradient_checkpointing": True,
-                  "quantization": "4bit" if four_bit else None, "skip_modules": skip}
+                  "max_length": args.seq, "steps": args.steps, "batch": args.batch, "learning_rate": LEARNING_RATE,
+                  "logging_steps": LOGGING_STEPS, "seed": SEED, "lora": {**LORA, "targets": targets}, "bf16": gpu,
+                  "gradient_checkpointing": True, "quantization": "4bit" if four_bit else None,
+                  "skip_modules": skip}
     (work / "trl.json").write_text(json.dumps(trl_config, indent=1))
     commands = {"ours": [sys.executable, str(HERE / "_ours_runner.py"), str(work / "recipe.yaml")],
                 "trl": [sys.executable, str(HERE / "_trl_runner.py"), str(work / "trl.json")]}
@@ -222,28 +274,45 @@ def main(argv: list[str] | None = None) -> dict:
     for i in range(args.repeats):
         for side in sides if i % 2 == 0 else sides[::-1]:
             log = work / f"{side}-{i}.log"
-            stamp(f"{side}: training {args.steps} steps (log: {log})")
+            stamp(f"{side}: training {args.steps} steps x batch {args.batch} (log: {log})")
             figures = run_child(commands[side], work / f"{side}-{i}.json", log)
             if figures["steps"] != args.steps:
                 raise SystemExit(f"{side} ran {figures['steps']} steps, not {args.steps}: see {log}")
             figures["peak_gpu_gib"] = figures["peak_gpu_bytes"] / 2**30 if figures.get("peak_gpu_bytes") else None
             results[side].append(figures)
-            stamp(f"{side}: {figures['wall_s']:.1f} s whole process, {figures['train_s']:.1f} s training")
-    summary = {"shape": "tiny" if args.tiny else "llava-1.5-7b", "steps": args.steps, "seq": args.seq, "batch": 1,
-               "quantization": "nf4" if four_bit else None, "machine": machine(), "runs": results,
-               "median": medians(results, [key for key, *_ in ROWS]), "total_s": time.time() - began}
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        print(table(ROWS, summary["median"], results))
-        print(f"\n{summary['shape']} shape, batch 1 x {args.seq} tokens, {args.steps} steps, "
-              f"{'QLoRA (NF4)' if four_bit else 'LoRA'}; {summary['machine']['gpu'] or 'CPU'}; "
-              f"{summary['total_s']:.0f} s in all")
-        for side, runs in results.items():
-            run = runs[0]
-            print(f"{side}: trainable parameters in {'/'.join(run.get('trainable_dtypes', []))}, activation "
-                  f"checkpointing {'on' if run.get('activation_checkpointing') else 'off'}")
-    return summary
+            stamp(f"{side}: {figures['wall_s']:.1f} s whole process, {figures['train_s']:.1f} s training, "
+                  f"{figures['tokens_per_step']:,.1f} non-pad tokens per step")
+    median = medians(results, [key for key, *_ in ROWS])
+    per_step = {side: median[side]["tokens_per_step"] for side in sides}
+    if len(sides) == 2:
+        per_step["ratio"] = per_step["ours"] / per_step["trl"]
+        if abs(per_step["ratio"] - 1) > 1e-3:
+            stamp(f"WARNING: {UNEQUAL.format(per_step['ratio'])}")
+    return {"shape": "tiny" if args.tiny else "llava-1.5-7b", "steps": args.steps, "seq": args.seq,
+            "batch": args.batch, "rows": "mixed" if mixed else "cut to seq",
+            "answer_tokens": [min(answers), max(answers)], "logging_steps": LOGGING_STEPS,
+            "quantization": "nf4" if four_bit else None, "machine": machine(), "runs": results, "median": median,
+            "tokens_per_step": per_step, "total_s": time.time() - began}
+
+
+def report(summary: dict) -> str:
+    """The table under a heading that names the case, and what the table cannot show."""
+    lo, hi = summary["answer_tokens"]
+    case = (f"mixed-length batch {summary['batch']}: answers of {lo}-{hi} tokens after the image's {IMAGE_TOKENS}, "
+            f"rows of at most {summary['seq']} (ours: its default length grouping and packing; TRL: padded)"
+            if summary["rows"] == "mixed" else f"batch {summary['batch']} x {summary['seq']} tokens")
+    lines = [f"### {case}", "", table(ROWS, summary["median"], summary["runs"]), "",
+             (f"{summary['shape']} shape, {summary['steps']} steps, logging every {summary['logging_steps']}, "
+              f"{'QLoRA (NF4)' if summary['quantization'] else 'LoRA'}; {summary['machine']['gpu'] or 'CPU'}; "
+              f"{summary['total_s']:.0f} s in all")]
+    for side, runs in summary["runs"].items():
+        run = runs[0]
+        lines.append(f"{side}: trainable parameters in {'/'.join(run.get('trainable_dtypes', []))}, activation "
+                     f"checkpointing {'on' if run.get('activation_checkpointing') else 'off'}")
+    ratio = summary["tokens_per_step"].get("ratio")
+    if ratio is not None and abs(ratio - 1) > 1e-3:
+        lines.append(f"WARNING: {UNEQUAL.format(ratio)}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

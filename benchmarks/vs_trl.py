@@ -24,6 +24,7 @@ values as peft's forward, with fewer passes over memory).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -41,12 +42,14 @@ from _harness import machine, medians, run_child, stamp, table
 
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 LEARNING_RATE = 2e-4
+LOGGING_STEPS = 10  # the same for both sides, passed to each
 SEED = 42
 ROWS = [  # (key, label, format)
     ("wall_s", "whole process, s", "{:.2f}"),
     ("train_s", "training, s", "{:.2f}"),
     ("first_step_s", "time to first step, s", "{:.2f}"),
     ("tokens_per_s", "non-pad tokens/s (training)", "{:.0f}"),
+    ("tokens_per_step", "non-pad tokens per step", "{:.0f}"),
     ("padding", "padding share of tokens", "{:.1%}"),
     ("peak_rss_mib", "peak RSS, MiB", "{:.0f}"),
 ]
@@ -76,7 +79,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=("ours", "trl"), help="run one side only")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     args = parser.parse_args(argv)
+    # Libraries print warnings on stdout (DeepSpeed's logger when transformers saves the fixture): stdout is kept
+    # for the table or the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        summary = run(args)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        f = summary["fixture"]
+        print(table(ROWS, summary["median"], summary["runs"]))
+        print(f"\n{f['parameters']:,}-parameter LLaVA-shaped model, {f['samples']} samples, {f['steps']} steps x "
+              f"batch {f['batch']}, LoRA r={f['lora_r']}, max_length {f['max_length']}; "
+              f"{summary['machine']['cpus']} CPUs, load average at the end {summary['machine']['load_average']}")
+    return summary
 
+
+def run(args) -> dict:
     stamp(f"fixture in {args.fixture}")
     fixture = build(args.fixture)
     model_dir, data = fixture / "model", fixture / "data" / "train.jsonl"
@@ -87,12 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {"name": str(model_dir)}, "adapter": dict(LORA),
         "data": {"train": str(data), "max_length": MAX_LENGTH},
         "train": {"max_steps": args.steps, "per_device_train_batch_size": args.batch, "learning_rate": LEARNING_RATE,
-                  "logging_steps": 10, "save_strategy": "no", "report_to": "none"},
+                  "logging_steps": LOGGING_STEPS, "save_strategy": "no", "report_to": "none"},
     }
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     trl_config = {"model": str(model_dir), "data": str(data), "output_dir": str(work / "trl"),
                   "max_length": MAX_LENGTH, "steps": args.steps, "batch": args.batch, "learning_rate": LEARNING_RATE,
-                  "seed": SEED, "lora": {**LORA, "targets": lora_targets(model_dir)}}
+                  "logging_steps": LOGGING_STEPS, "seed": SEED, "lora": {**LORA, "targets": lora_targets(model_dir)}}
     (work / "trl.json").write_text(json.dumps(trl_config, indent=1))
     commands = {
         "ours": [sys.executable, str(HERE / "_ours_runner.py"), str(work / "recipe.yaml"), *args.ours],
@@ -113,22 +131,13 @@ def main(argv: list[str] | None = None) -> dict:
                 raise SystemExit(f"{side} ran {figures['steps']} steps, not {args.steps}: see {work / f'{side}-{i}.log'}")
             results[side].append(figures)
             stamp(f"{side}: {figures['wall_s']:.1f} s whole, {figures['train_s']:.1f} s training")
-    summary = {
+    return {
         "fixture": {"parameters": parameter_count(fixture), "samples": len(data.read_text().splitlines()),
                     "steps": args.steps, "batch": args.batch, "max_length": MAX_LENGTH, "lora_r": LORA["r"]},
         "machine": machine(), "ours_overrides": args.ours, "work": str(work),
         "runs": results,
         "median": medians(results, [key for key, *_ in ROWS] + ["steady_tokens_per_s"]),
     }
-    if args.json:
-        print(json.dumps(summary, indent=1))
-    else:
-        f = summary["fixture"]
-        print(table(ROWS, summary["median"], results))
-        print(f"\n{f['parameters']:,}-parameter LLaVA-shaped model, {f['samples']} samples, {f['steps']} steps x "
-              f"batch {f['batch']}, LoRA r={f['lora_r']}, max_length {f['max_length']}; "
-              f"{summary['machine']['cpus']} CPUs, load average at the end {summary['machine']['load_average']}")
-    return summary
 
 
 if __name__ == "__main__":

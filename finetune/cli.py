@@ -14,7 +14,11 @@ def cmd_train(args) -> None:
     overrides = list(args.overrides)
     if args.resume:
         overrides.append("train.resume_from_checkpoint=true")
-    print(train(args.recipe, overrides))
+    from finetune.parallelism import is_first_process
+
+    out = train(args.recipe, overrides)
+    if is_first_process():  # one line under torchrun / accelerate launch
+        print(out)
 
 
 def cmd_eval(args) -> None:
@@ -81,8 +85,18 @@ def cmd_recipes(args) -> None:
         print(f"{name:<20} {raw.get('description', '')}")
 
 
+def cmd_configs(args) -> None:
+    from finetune.launch_configs import config_path, description, shipped_configs
+
+    if args.path:  # alone on its line, for `accelerate launch --config_file "$(finetune configs --path fsdp)"`
+        print(config_path(args.path))
+        return
+    for name, path in shipped_configs().items():
+        print(f"{name:<6} {description(path)}  {path}")
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "chat": cmd_chat, "data": cmd_data,
-            "push": cmd_push, "merge": cmd_merge, "report": cmd_report, "recipes": cmd_recipes}
+            "push": cmd_push, "merge": cmd_merge, "report": cmd_report, "recipes": cmd_recipes, "configs": cmd_configs}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,20 +143,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=None,
                    help="gallery size (default: the recipe's eval.report_examples, 200)")
     sub.add_parser("recipes", help="list the shipped recipes")
+    p = sub.add_parser("configs", help="list the shipped `accelerate launch --config_file` files (ddp, fsdp, zero2, "
+                       "zero3)")
+    p.add_argument("--path", metavar="NAME", help="print only that config's absolute path")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "data":  # the data tools load a processor, never weights
-        from finetune.startup import skip_bitsandbytes
+    from finetune.startup import (
+        skip_bitsandbytes,
+        skip_bitsandbytes_unless_needed,
+        skip_deepspeed_unless_needed,
+    )
 
+    target = getattr(args, "recipe", None) or getattr(args, "target", None) or getattr(args, "run", None)
+    overrides = list(getattr(args, "overrides", None) or [])
+    if args.command == "train":
+        skip_deepspeed_unless_needed(target, overrides)
+    else:  # only training runs DeepSpeed
+        skip_deepspeed_unless_needed(None)
+    if args.command == "data":  # the data tools load a processor, never weights
         skip_bitsandbytes()
     elif args.command in ("train", "eval", "predict", "chat", "merge"):
-        from finetune.startup import skip_bitsandbytes_unless_needed
-
-        target = getattr(args, "recipe", None) or getattr(args, "target", None) or getattr(args, "run", None)
-        skip_bitsandbytes_unless_needed(target, list(getattr(args, "overrides", None) or []))
+        skip_bitsandbytes_unless_needed(target, overrides)
     try:
         COMMANDS[args.command](args)
     except FinetuneError as err:

@@ -20,6 +20,8 @@ from finetune.data.encode import make_encoder
 from finetune.data.formats import Example
 from finetune.errors import ConfigError, DataError
 from finetune.generation import generate
+from finetune.parallelism import gather_in_order, is_main_process, my_share
+from finetune.precision import compute_dtype, inference_autocast
 from finetune.tasks import TASKS, Task
 
 log = logging.getLogger(__name__)
@@ -76,9 +78,10 @@ def score(model, processor, items: list, task: Task, max_new_tokens: int | None 
 
         return score_pairs(model, processor, items, templates or ["{label}"], batch_size)
     start = time.perf_counter()
-    generated = generate(model, processor, [(i.prompt, list(i.example.images), i.example.root) for i in items],
-                         max_new_tokens=max_new_tokens or task.max_new_tokens, batch_size=batch_size, quiet=quiet,
-                         with_ends=True)
+    # Each process generates its share; every process gets all answers, in order, and scores them alike.
+    prompts = [(i.prompt, list(i.example.images), i.example.root) for i in my_share(items)]
+    generated = gather_in_order(generate(model, processor, prompts, max_new_tokens=max_new_tokens or task.max_new_tokens,
+                                         batch_size=batch_size, quiet=quiet, with_ends=True))
     seconds = time.perf_counter() - start
     answers = [text for text, _ in generated]
     metrics, per_example = task.score(answers, [list(i.references) for i in items], [i.question_type for i in items])
@@ -97,14 +100,17 @@ def score(model, processor, items: list, task: Task, max_new_tokens: int | None 
 @torch.no_grad()
 def perplexity(model, processor, items: list[EvalItem], max_length: int) -> float:
     """exp(mean loss) over held-out assistant tokens only (the same labels training uses)."""
-    encoder = make_encoder(processor, max_length, dtype=model.dtype)
+    encoder = make_encoder(processor, max_length, dtype=compute_dtype(model))
     total, count = 0.0, 0
-    for item in items:
+    for item in my_share(items):
         features = encoder.encode(item.example)
         batch = {k: (torch.tensor([v]) if isinstance(v, list) else v).to(model.device) for k, v in features.items()}
         tokens = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(model(**batch).loss) * tokens
+        with inference_autocast(model):
+            total += float(model(**batch).loss) * tokens
         count += tokens
+    shares = gather_in_order([(total, count)])
+    total, count = sum(t for t, _ in shares), sum(c for _, c in shares)
     return round(float(torch.exp(torch.tensor(total / max(count, 1)))), 4)
 
 
@@ -167,6 +173,8 @@ def evaluate(target, overrides: list[str] | dict | None = None, output_dir: str 
                                  recipe.eval.batch_size, recipe.data.max_length, quiet=quiet,
                                  templates=recipe.data.templates)
     metrics["dataset"] = recipe.data.eval
+    if not is_main_process():  # under torchrun every process scored its share; one writes and prints
+        return metrics
     if output_dir:
         out = Path(output_dir)
     elif run is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -18,19 +19,9 @@ from finetune.config import ModelConfig
 from finetune.demo import resolve_model
 from finetune.errors import ConfigError, FinetuneError
 from finetune.parts import DUAL_PROJECTIONS, find_parts, linear_names
+from finetune.precision import choose_dtype
 
 log = logging.getLogger(__name__)
-
-
-def choose_dtype(cfg: ModelConfig) -> torch.dtype:
-    """The dtype to load in (afterwards, read `model.dtype`): `model.dtype`, else bf16/fp16 on a GPU, fp32 on CPU."""
-    if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype)
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    if torch.cuda.is_available():
-        return torch.float16
-    return torch.float32
 
 
 def load_processor(cfg: ModelConfig):
@@ -46,32 +37,41 @@ def load_processor(cfg: ModelConfig):
     return processor
 
 
-def load_model(cfg: ModelConfig, device: str | torch.device | None = None, sharded: bool = False,
+def load_model(cfg: ModelConfig, device: str | torch.device | None = None, distributed: str = "single",
                dual_encoder: bool = False):
     """(model, processor) for a recipe's model section; the model is frozen, ready for adapters.
 
-    `device=None` leaves placement to the caller (the Trainer moves the model); 4-bit weights are always
-    placed on this process's GPU when there is one, since bitsandbytes quantizes them while loading.
-    `sharded`: FSDP will shard the model, so 4-bit weights are stored in the compute dtype (FSDP shards one dtype).
+    `device=None` leaves placement to the caller (the Trainer moves the model). `distributed` is the run's
+    finetune.parallelism kind, which decides how 4-bit weights load (`from_pretrained_kwargs`).
     `dual_encoder`: a CLIP-style model (AutoModel) for a contrastive task, instead of a vision-language model.
     """
     name = resolve_model(cfg.name)
     processor = load_processor(cfg)
-    dtype = choose_dtype(cfg)
-    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "dtype": dtype}
-    if cfg.attn_implementation:
-        kwargs["attn_implementation"] = cfg.attn_implementation
-    if cfg.quantization == "4bit":
-        kwargs["quantization_config"] = nf4_config(name, cfg, dtype, storage=dtype if sharded else None,
-                                                   dual_encoder=dual_encoder)
-        if torch.cuda.is_available():
-            kwargs["device_map"] = {"": _local_device()}
-    elif device is not None:
-        kwargs["device_map"] = {"": device}
+    kwargs = from_pretrained_kwargs(cfg, name, device, distributed, dual_encoder)
     with _clear_load_errors(name):
         model = (AutoModel if dual_encoder else AutoModelForImageTextToText).from_pretrained(name, **kwargs)
     model.requires_grad_(False)
     return model, processor
+
+
+def from_pretrained_kwargs(cfg: ModelConfig, name: str, device=None, distributed: str = "single",
+                           dual_encoder: bool = False) -> dict:
+    """from_pretrained's arguments. 4-bit weights are placed on this process's GPU while loading (bitsandbytes
+    quantizes them there), except under ZeRO-3, where DeepSpeed places them and transformers refuses a device_map.
+    Under FSDP and ZeRO-3 they are stored in the compute dtype: both shard one flat dtype per group."""
+    dtype = choose_dtype(cfg.dtype)
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "dtype": dtype}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    sharded = distributed in ("fsdp", "deepspeed-zero3")
+    if cfg.quantization == "4bit":
+        kwargs["quantization_config"] = nf4_config(name, cfg, dtype, storage=dtype if sharded else None,
+                                                   dual_encoder=dual_encoder)
+        if torch.cuda.is_available() and distributed != "deepspeed-zero3":
+            kwargs["device_map"] = {"": _local_device()}
+    elif device is not None:
+        kwargs["device_map"] = {"": device}
+    return kwargs
 
 
 def inference_device() -> str:
@@ -111,12 +111,27 @@ def modules_kept_unquantized(name: str, cfg: ModelConfig, dual_encoder: bool = F
     with _clear_load_errors(name):
         config = AutoConfig.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     auto = AutoModel if dual_encoder else AutoModelForImageTextToText
-    with torch.device("meta"):
+    with torch.device("meta"), whole_weights():
         skeleton = auto.from_config(config, trust_remote_code=cfg.trust_remote_code)
     if dual_encoder:
         return [n for n in linear_names(skeleton) if n.rsplit(".", 1)[-1] in DUAL_PROJECTIONS.values()]
     parts = find_parts(skeleton)
     return [n for n in linear_names(skeleton) if parts.part_of(n) != "decoder"]
+
+
+@contextlib.contextmanager
+def whole_weights():
+    """Models made inside load whole even under DeepSpeed ZeRO-3, where from_config partitions every new model
+    (zero.Init), which fails on the meta device of a weightless skeleton. transformers' ZeRO-3 switch is the
+    registered config (a weak ref), off meanwhile."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    registered = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = registered
 
 
 def _local_device() -> int:

@@ -13,6 +13,8 @@ from finetune.data.images import open_image
 from finetune.data.pairs import PairExample, load_pairs, processor_batch
 from finetune.errors import DataError
 from finetune.metrics.retrieval import retrieval_metrics, zeroshot_metrics
+from finetune.parallelism import gather_in_order, my_share
+from finetune.precision import compute_dtype, inference_autocast
 
 TOP = 5  # predictions.jsonl keeps each image's best texts
 
@@ -28,20 +30,23 @@ def eval_pairs(recipe: Recipe) -> list[PairExample]:
 
 @torch.no_grad()
 def image_embeddings(model, processor, images: list, batch_size: int) -> torch.Tensor:
-    chunks = []
+    """One normalised row per image (each process embeds its share; every process gets all rows, in order)."""
+    chunks, images = [], my_share(images)
     for start in range(0, len(images), batch_size):
         batch = processor_batch(processor, None, images[start : start + batch_size])
-        chunks.append(embed_images(model, _to(batch, model)).float().cpu())
-    return torch.cat(chunks)
+        with inference_autocast(model):
+            chunks.append(embed_images(model, _to(batch, model)).float().cpu())
+    return torch.cat(gather_in_order(chunks))
 
 
 @torch.no_grad()
 def text_embeddings(model, processor, texts: list[str], batch_size: int) -> torch.Tensor:
-    chunks = []
+    chunks, texts = [], my_share(texts)
     for start in range(0, len(texts), batch_size):
         batch = processor_batch(processor, texts[start : start + batch_size], None)
-        chunks.append(embed_texts(model, _to(batch, model)).float().cpu())
-    return torch.cat(chunks)
+        with inference_autocast(model):
+            chunks.append(embed_texts(model, _to(batch, model)).float().cpu())
+    return torch.cat(gather_in_order(chunks))
 
 
 def class_embeddings(model, processor, labels: list[str], templates: list[str], batch_size: int) -> torch.Tensor:
@@ -104,7 +109,7 @@ def rank_labels(model, processor, image, labels: list[str], templates: list[str]
 
 
 def _to(batch, model) -> dict:
-    return {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
+    return {k: v.to(model.device, compute_dtype(model)) if v.is_floating_point() else v.to(model.device)
             for k, v in batch.items()}
 
 

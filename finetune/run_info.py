@@ -14,13 +14,16 @@ import torch
 from finetune.adapters import count_parameters
 
 
-def write_run_info(out: Path, model, started: datetime, seconds: float, world_size: int = 1) -> Path:
+def write_run_info(out: Path, model, started: datetime, seconds: float, world_size: int = 1,
+                   parallelism: str = "single") -> Path:
     trainable, total = count_parameters(model)
     info = {
         "trainable_parameters": trainable,
         "total_parameters": total,
         "seconds": round(seconds, 1),
         "hardware": hardware(world_size),
+        "parallelism": parallelism,  # finetune.parallelism.KINDS
+        "world_size": world_size,
         "started": started.isoformat(timespec="seconds"),
         "finetune_version": _version("finetune"),
         "torch_version": torch.__version__,

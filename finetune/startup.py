@@ -11,11 +11,16 @@ peft and transformers then see it as not installed, as they would on a machine w
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
 
 BITSANDBYTES = "bitsandbytes"
+# transformers imports DeepSpeed whenever it is installed (its integration checks at import), which takes a second
+# and, on a machine without a GPU, prints "Setting accelerator to CPU" on stdout, into `$(finetune configs --path)`
+# and JSON output alike. Runs that do not use DeepSpeed mark it absent, as bitsandbytes.
+DEEPSPEED = "deepspeed"
 
 
 class _HubKernelNotice(logging.Filter):
@@ -48,25 +53,59 @@ def skip_bitsandbytes_unless_needed(target: str | None, overrides: list[str] | N
 
 def skip_bitsandbytes() -> bool:
     """Mark bitsandbytes absent for this process (unless something imported it already); True when it did."""
-    if BITSANDBYTES in sys.modules:
+    return _mark_absent(BITSANDBYTES)
+
+
+def skip_deepspeed_unless_needed(target: str | None, overrides: list[str] | None = None) -> bool:
+    """Mark DeepSpeed absent unless the run asks for it: `train.deepspeed` in the recipe or the overrides, or an
+    `accelerate launch` DeepSpeed config; True when it did."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
         return False
-    sys.modules[BITSANDBYTES] = None
+    if target is not None:
+        raw = _raw_recipe(target, overrides or [])
+        if raw is None or (raw.get("train") or {}).get("deepspeed"):
+            return False
+    return _mark_absent(DEEPSPEED)
+
+
+def _mark_absent(name: str) -> bool:
+    if name in sys.modules:  # imported already: too late
+        return False
+    sys.modules[name] = None
     return True
 
 
 def _quantization(target: str, overrides: list[str]) -> str | None:
     """model.quantization, read without validating the recipe (validation imports transformers)."""
-    from finetune.config import find_recipe, parse_overrides, parse_yaml
+    from finetune.config import parse_overrides
+
+    try:
+        if "model.quantization" in (given := parse_overrides(overrides)):
+            return str(given["model.quantization"])
+    except Exception:  # noqa: BLE001 - a malformed override is load_recipe's to explain, later
+        return None
+    raw = _raw_recipe(target, overrides)
+    if raw is None:
+        return None
+    model = raw.get("model")
+    return str(model.get("quantization", "none")) if isinstance(model, dict) else "none"
+
+
+def _raw_recipe(target: str, overrides: list[str]) -> dict | None:
+    """The recipe (or a run folder's recipe.yaml) as a plain dict with the overrides applied; None if unreadable."""
+    from finetune.config import _set_dotted, find_recipe, parse_overrides, parse_yaml
 
     try:
         override = parse_overrides(overrides)
-        if "model.quantization" in override:
-            return str(override["model.quantization"])
         path = Path(target)
         raw = parse_yaml((path / "recipe.yaml").read_text() if path.is_dir() else find_recipe(target).read_text())
     except Exception:  # noqa: BLE001 - an unreadable recipe is load_recipe's to explain, later
         return None
-    model = raw.get("model") if isinstance(raw, dict) else None
-    if not isinstance(model, dict):
-        return "none" if isinstance(raw, dict) else None
-    return str(model.get("quantization", "none"))
+    if not isinstance(raw, dict):
+        return None
+    try:
+        for key, value in override.items():
+            _set_dotted(raw, key, value)
+    except Exception:  # noqa: BLE001 - as above
+        return None
+    return raw

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import RandomSampler, SequentialSampler
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from finetune.adapters import attach_adapters
@@ -29,11 +29,29 @@ from finetune.data.pairs import PairCollator, build_pairs
 from finetune.data.sampler import LengthGroupedSampler
 from finetune.errors import ConfigError, FinetuneError
 from finetune.evaluation import EvalItem, eval_items, score, write_results
-from finetune.models import choose_dtype, load_model
+from finetune.models import load_model
+from finetune.parallelism import (
+    check_parallelism_request,
+    gathered_adapter_weights,
+    is_first_process,
+    load_adapter_weights_sharded,
+    parallelism,
+    require_requested_parallelism,
+    sharded,
+    start_deepspeed_on_cpu,
+    use_fsdp_on_cpu,
+)
+from finetune.precision import (
+    choose_dtype,
+    compute_dtype,
+    mixed_precision_arguments,
+    skip_adapter_input_casts,
+)
 from finetune.report import refresh_report
-from finetune.run import bundle_earlier_runs, fold_earlier_runs, save_scalars
+from finetune.run import Run, bundle_earlier_runs, fold_earlier_runs, save_scalars
 from finetune.run_info import write_run_info
 from finetune.tasks import TASKS
+from finetune.vision_placeholder import VisionPlaceholder
 
 log = logging.getLogger("finetune")
 
@@ -70,40 +88,58 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     if not recipe.data.train:
         raise ConfigError("data.train is not set: give a data file, e.g. data.train=my.jsonl")
     args = training_arguments(recipe)
+    check_parallelism_request(args)
+    compare = bool(recipe.eval.before_after and recipe.data.eval)
+    if compare and parallelism(args) == "deepspeed-zero3":
+        raise ConfigError("eval.before_after under DeepSpeed ZeRO-3: the base loads already partitioned, so it cannot "
+                          "generate before training; set eval.before_after=false, then `finetune eval RECIPE` and "
+                          "`finetune eval RUN`")
 
     set_seed(args.seed)  # LoRA's initial weights too, so two runs of one recipe are the same run
+    start_deepspeed_on_cpu(args)
     contrastive = TASKS[recipe.task].kind == "contrastive"
-    model, processor = load_model(recipe.model, sharded=sharded(args), dual_encoder=contrastive)
+    model, processor = load_model(recipe.model, distributed=parallelism(args), dual_encoder=contrastive)
     model = fold_earlier_runs(model, recipe)  # staged training: earlier stages merged into the base
     model = attach_adapters(model, recipe.adapter, gradient_checkpointing=bool(args.activation_checkpointing))
     train_set, eval_set, collator = datasets(recipe, processor, model, progress=args.process_index == 0)
     log.info("training on %d examples%s", len(train_set), f", evaluating on {len(eval_set)}" if eval_set else "")
-    compare = recipe.eval.before_after and recipe.data.eval and args.world_size == 1
     during = args.eval_strategy != "no" and not _task_metric_impossible(args)
     items = eval_items(recipe) if compare or during else None  # read once, scored as often as asked
 
     extra = [ClampLogitScale()] if contrastive else []
+    # Text-only batches still run the vision tower (finetune.vision_placeholder): processes stay in lockstep, and a
+    # batch whose only trained part is the projector still has a loss to back-propagate.
+    placeholder = (None if contrastive else
+                   VisionPlaceholder.for_model(model, make_encoder(processor, recipe.data.max_length)))
     trainer = (ContrastiveTrainer if contrastive else FinetuneTrainer)(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
         processing_class=processor, callbacks=[StopOnNonFiniteLoss(), *extra, *(callbacks or [])], recipe=recipe,
-        eval_items=items,
+        eval_items=items, vision_placeholder=placeholder,
     )
+    distributed = require_requested_parallelism(trainer)
     out = Path(args.output_dir)
-    before = _score(recipe, model, processor, items, out / "eval-before") if compare else None
+    main = trainer.is_world_process_zero()
+    # Every process scores its share of the held-out items (finetune.parallelism.my_share); the first one writes.
+    before = _score(recipe, model, processor, items, out / "eval-before", write=main) if compare else None
 
     trainer.train(resume_from_checkpoint=resume_checkpoint(args))
 
     trainer.save_model(str(out))  # adapter_config.json + adapter_model.safetensors (+ processor files)
-    if trainer.is_world_process_zero():
+    if main:
         processor.save_pretrained(str(out))
         if contrastive:
             save_scalars(trainer.model, out)
         save_recipe(recipe, out / "recipe.yaml")
         bundle_earlier_runs(recipe, out)
         trainer.save_state()
-        write_run_info(out, trainer.model, started, time.time() - started.timestamp(), args.world_size)
+        write_run_info(out, trainer.model, started, time.time() - started.timestamp(), args.world_size,
+                       parallelism=distributed)
+    trainer.accelerator.wait_for_everyone()
+    if compare:
+        trained = _whole(trainer.model, out, distributed)
+        after = _score(recipe, trained, processor, items, out / "eval", write=main)
+    if main:
         if compare:
-            after = _score(recipe, trainer.model, processor, items, out / "eval")
             headline = TASKS[recipe.task].headline_in(after)
             print(f"held-out {headline}: before {before[headline]:.4f} -> after {after[headline]:.4f} "
                   f"({after['examples']} examples of {recipe.data.eval})")
@@ -123,10 +159,16 @@ def datasets(recipe: Recipe, processor, model, progress: bool = True):
         train_set, _ = build_pairs(data.train, data, data.split, progress)
         eval_set = build_pairs(data.eval, data, eval_split, progress)[0] if data.eval else None
         return train_set, eval_set, PairCollator(processor)
-    encoder = make_encoder(processor, data.max_length, dtype=model.dtype)
+    encoder = make_encoder(processor, data.max_length, dtype=compute_dtype(model))
     train_set, _ = build_dataset(data.train, data, encoder, data.split, progress=progress)
     eval_set = build_dataset(data.eval, data, encoder, eval_split, progress=progress)[0] if data.eval else None
     return train_set, eval_set, Collator(encoder.pad_token_id, packing_layout(data.packing, model))
+
+
+def _whole(model, run: Path, distributed: str):
+    """The model to generate with after training: under FSDP each process holds a shard of every weight, so the
+    saved run is loaded whole on this process."""
+    return Run.open(run).load()[0] if distributed == "fsdp" else model
 
 
 def _score(recipe: Recipe, model, processor, items: list[EvalItem], out: Path, write: bool = True) -> dict:
@@ -138,14 +180,6 @@ def _score(recipe: Recipe, model, processor, items: list[EvalItem], out: Path, w
     if write:
         write_results(out, metrics, predictions)
     return metrics
-
-
-def sharded(args: TrainingArguments) -> bool:
-    """FSDP, or DeepSpeed ZeRO-3: each process holds only a shard of the weights."""
-    if args.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        return True
-    config = args.hf_deepspeed_config.config if getattr(args, "hf_deepspeed_config", None) else {}
-    return config.get("zero_optimization", {}).get("stage") == 3
 
 
 def _task_metric_impossible(args: TrainingArguments) -> bool:
@@ -177,9 +211,8 @@ def training_arguments(recipe: Recipe) -> TrainingArguments:
             values.setdefault(new, values.pop(old))
     if values.get("activation_checkpointing"):
         values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
-    dtype = choose_dtype(recipe.model)
-    if "bf16" not in values and "fp16" not in values and str(dtype) == "torch.bfloat16":
-        values["bf16"] = True
+    if "bf16" not in values and "fp16" not in values:
+        values.update(mixed_precision_arguments(choose_dtype(recipe.model.dtype)))
     if values.get("bf16") and not torch.cuda.is_available() and not torch.backends.mps.is_available():
         values.setdefault("use_cpu", True)  # bf16 autocast on the CPU: Trainer wants to be told
     if values.get("eval_strategy", "no") != "no" and not recipe.data.eval:
@@ -223,8 +256,9 @@ class SupervisedLogitsLoss:
     def __init__(self):
         self.kept: torch.Tensor | None = None
 
-    def positions(self, labels: torch.Tensor) -> torch.Tensor:
-        self.kept = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(-1)
+    def positions(self, labels: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        """The positions to keep: `known` when the collator found them already (SupervisedPositions)."""
+        self.kept = known if known is not None else supervised_positions(labels)
         return self.kept
 
     def __call__(self, outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -234,6 +268,26 @@ class SupervisedLogitsLoss:
                                                  ignore_index=IGNORE,
                                                  reduction="mean" if num_items_in_batch is None else "sum")
         return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    return (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(-1)
+
+
+class SupervisedPositions:
+    """A collator that also gives SupervisedLogitsLoss its positions, found on the CPU in the data loader: found on
+    a GPU (`nonzero`), they would make the host wait for the device at every step."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features: list[dict]) -> dict:
+        batch = self.collator(features)
+        batch[POSITIONS] = supervised_positions(batch["labels"])
+        return batch
+
+
+POSITIONS = "supervised_positions"
 
 
 def keeps_logits(model) -> bool:
@@ -247,16 +301,50 @@ class FinetuneTrainer(Trainer):
     and whose length-grouped sampler uses the lengths measured while checking the data (instead of encoding, and
     decoding every image of, the dataset again)."""
 
-    def __init__(self, *args, recipe: Recipe, eval_items: list[EvalItem] | None = None, **kwargs):
+    def __init__(self, *args, recipe: Recipe, eval_items: list[EvalItem] | None = None,
+                 vision_placeholder: VisionPlaceholder | None = None, **kwargs):
         if recipe is not None and TASKS[recipe.task].kind == "generative" and keeps_logits(kwargs["model"]):
             kwargs.setdefault("compute_loss_func", SupervisedLogitsLoss())
+            if kwargs.get("data_collator") is not None:
+                kwargs["data_collator"] = SupervisedPositions(kwargs["data_collator"])
         super().__init__(*args, **kwargs)
+        if self.args.bf16 or self.args.fp16:
+            skip_adapter_input_casts(self.model)  # every forward here runs under autocast
         self.recipe = recipe
         self.eval_items = eval_items
+        self.vision_placeholder = vision_placeholder
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if not self.is_fsdp_enabled:
+            use_fsdp_on_cpu(self)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Under FSDP, the adapter is gathered from every rank and saved as a plain PEFT folder, whatever
+        fsdp_config.state_dict_type says (Trainer writes no adapter file for a sharded state dict, and its full
+        state dict reaches peft with storages safetensors cannot read)."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        weights = gathered_adapter_weights(self.model)  # a collective: every rank takes part
+        if self.args.should_save:
+            self.model.save_pretrained(output_dir, state_dict=weights)
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """Resuming under FSDP: the checkpoint's adapter is loaded into the sharded model (each rank takes its shard
+        of the full tensors); optimizer, scheduler and RNG states follow through Trainer as usual."""
+        if not self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapter_weights_sharded(model or self.model_wrapped, Path(resume_from_checkpoint))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        known = inputs.pop(POSITIONS, None)
         if isinstance(self.compute_loss_func, SupervisedLogitsLoss) and inputs.get("labels") is not None:
-            inputs = {**inputs, "logits_to_keep": self.compute_loss_func.positions(inputs["labels"])}
+            inputs["logits_to_keep"] = self.compute_loss_func.positions(inputs["labels"], known)
+        if self.vision_placeholder is not None:
+            self.vision_placeholder.arm(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -282,6 +370,15 @@ class FinetuneTrainer(Trainer):
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             return LengthGroupedSampler(dataset.lengths, batch, seed=seed)
         return super()._get_train_sampler(train_dataset)
+
+    def _get_eval_sampler(self, eval_dataset):
+        """The eval loss over rows in length order, from the measured lengths (Trainer's own length grouping would
+        encode every eval row again, and cannot measure image-text pairs at all)."""
+        if eval_dataset is None:
+            return None
+        if hasattr(eval_dataset, "lengths"):
+            return sorted(range(len(eval_dataset)), key=eval_dataset.lengths.__getitem__)
+        return SequentialSampler(eval_dataset)
 
 
 class ContrastiveTrainer(FinetuneTrainer):
@@ -339,7 +436,8 @@ def setup_logging() -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[finetune] %(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
+        # One voice under torchrun / accelerate launch: the other processes report warnings only.
+        log.setLevel(logging.INFO if is_first_process() else logging.WARNING)
 
 
 def _as_dict(overrides) -> dict:

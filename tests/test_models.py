@@ -10,7 +10,7 @@ from finetune.data.collate import Collator
 from finetune.data.encode import ChatEncoder
 from finetune.data.formats import row_to_examples
 from finetune.errors import FinetuneError
-from finetune.models import choose_dtype, load_model
+from finetune.models import load_model
 from finetune.parts import find_parts
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -51,11 +51,6 @@ def test_parts_of_other_families(family):
                       and parts.part_of(n) == "vision"]
     assert vision_linears  # the vision tower is told apart from the decoder and the projector
 
-
-def test_dtype_is_fp32_on_cpu_and_overridable():
-    assert choose_dtype(ModelConfig()) == (torch.float32 if not torch.cuda.is_available() else choose_dtype(
-        ModelConfig()))
-    assert choose_dtype(ModelConfig(dtype="bfloat16")) == torch.bfloat16
 
 
 def test_4bit_quantizes_only_the_language_decoder(random_tiny):

@@ -1,4 +1,4 @@
-"""A plain (non-editable) install carries everything: recipes and templates are package data."""
+"""A plain (non-editable) install carries everything: recipes, templates and launch configs are package data."""
 
 import os
 import subprocess
@@ -22,15 +22,17 @@ def wheel(tmp_path_factory):
     return path
 
 
-def test_the_wheel_holds_every_recipe_and_template(wheel):
+def test_the_wheel_holds_every_recipe_template_and_launch_config(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {f"finetune/recipes/{p.relative_to(ROOT / 'recipes').as_posix()}" for p in (ROOT / "recipes").rglob("*.yaml")}
     assert shipped and shipped <= names
     templates = {f"finetune/templates/{p.name}" for p in (ROOT / "finetune" / "templates").iterdir()}
     assert templates and templates <= names
+    configs = {f"finetune/launch_configs/{p.name}" for p in (ROOT / "finetune" / "launch_configs").glob("*.yaml")}
+    assert configs and configs <= names
 
 
-def test_a_fresh_venv_lists_and_loads_recipes_from_the_wheel(wheel, tmp_path):
+def test_a_fresh_venv_lists_recipes_and_launch_configs_from_the_wheel(wheel, tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
@@ -51,3 +53,9 @@ def test_a_fresh_venv_lists_and_loads_recipes_from_the_wheel(wheel, tmp_path):
     loaded = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                             check=False)
     assert loaded.returncode == 0 and loaded.stdout.strip() == "tiny-llava", loaded.stderr[-2000:]
+    configs = subprocess.run([str(venv / "bin" / "finetune"), "configs"], capture_output=True, text=True,
+                             cwd=tmp_path, env=env, check=False)
+    assert configs.returncode == 0, configs.stderr[-2000:]
+    paths = [Path(line.split()[-1]) for line in configs.stdout.strip().splitlines()]
+    assert [p.stem for p in paths] == ["ddp", "fsdp", "zero2", "zero3"]
+    assert all(p.is_file() and p.is_relative_to(venv) for p in paths)  # the wheel's copies

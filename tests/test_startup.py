@@ -67,3 +67,25 @@ def test_the_optional_kernel_notice_is_dropped_and_nothing_else():
     assert NOTICE not in quiet.stderr and "another warning" in quiet.stderr
     if NOTICE not in plain.stderr:
         pytest.skip("bitsandbytes prints no such notice on this CPU (no AVX512-BF16, or `kernels` installed)")
+
+
+def test_deepspeed_stays_out_unless_the_run_uses_it(tmp_path):
+    """transformers imports DeepSpeed whenever it is installed; where it is, `finetune` keeps it out of runs that
+    do not use it (on a machine without a GPU it prints a notice on stdout at import)."""
+    code = ("import sys; from finetune.startup import skip_deepspeed_unless_needed as skip; "
+            "print(skip(sys.argv[1], sys.argv[2:]))")
+
+    def skipped(*argv, **env):
+        done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), **env}, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-1000:]
+        return done.stdout.strip() == "True"
+
+    asked = tmp_path / "ds.json"
+    asked.write_text("{}")
+    assert skipped("demo/vqa")
+    assert not skipped("demo/vqa", f"train.deepspeed={asked}")
+    assert not skipped("someone/a-hub-run")  # an unreadable recipe: nothing is skipped
+    assert not skipped("demo/vqa", ACCELERATE_USE_DEEPSPEED="true")  # accelerate launch with a DeepSpeed config
+    done = python("from finetune.cli import main; main(['configs', '--path', 'fsdp'])")
+    assert done.stdout.strip().endswith("fsdp.yaml") and len(done.stdout.splitlines()) == 1

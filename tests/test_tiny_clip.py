@@ -50,13 +50,28 @@ def test_the_folder_is_cached_under_finetune_cache(folder):
 def test_loads_with_the_auto_classes(model, processor, tokenizer):
     assert isinstance(model, CLIPModel) and isinstance(processor, CLIPProcessor)
     assert isinstance(tokenizer, CLIPTokenizer) and isinstance(processor.tokenizer, CLIPTokenizer)
-    assert type(processor.image_processor).__name__ == "CLIPImageProcessorPil"  # no torchvision needed
+    # The PIL image processor where torchvision is missing; with it, transformers picks its torchvision one.
+    assert type(processor.image_processor).__name__ in ("CLIPImageProcessorPil", "CLIPImageProcessor")
     text = model.config.text_config
     assert text.vocab_size == len(tokenizer)
     assert text.eos_token_id == tokenizer.eos_token_id != 2  # 2 would select CLIP's legacy argmax pooling
     assert text.max_position_embeddings == tokenizer.model_max_length
     assert sum(p.numel() for p in model.parameters()) < 300_000
     assert 0 < model.logit_scale.exp().item() <= 100
+
+
+def test_the_processor_loads_without_torchvision(folder):
+    """The demo command installs torch without torchvision: the processor must load there (a child process in which
+    importing torchvision fails)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torchvision'] = None\nfrom transformers import AutoProcessor\n"
+            "print(type(AutoProcessor.from_pretrained(sys.argv[1]).image_processor).__name__)")
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "CLIPImageProcessorPil"
 
 
 def test_processor_batch_runs_through_the_model(model, processor):
