@@ -78,11 +78,12 @@ def test_accelerate_launch_starts_two_cpu_processes_from_the_ddp_file(tmp_path):
     # without it the file's MULTI_GPU starts --num_processes processes, and cpu=True (what training_arguments'
     # use_cpu gives a multi-process CPU run) puts them on gloo. PartialState() alone would leave each on its own.
     script = tmp_path / "ranks.py"
-    script.write_text("from accelerate import PartialState\n"
+    # Each process writes its own file: two processes printing to one pipe interleave ("22  01").
+    script.write_text("from pathlib import Path\nfrom accelerate import PartialState\n"
                       "s = PartialState(cpu=True)\n"
-                      "print(s.num_processes, s.process_index, flush=True)\n")
+                      "Path(f'rank{s.process_index}.txt').write_text(f'{s.num_processes} {s.process_index}')\n")
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path("ddp")),
                            "--num_processes", "2", "--main_process_port", str(free_port()), str(script)],
                           capture_output=True, text=True, cwd=tmp_path, check=False, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert sorted(done.stdout.strip().splitlines()) == ["2 0", "2 1"], done.stdout
+    assert sorted(p.read_text() for p in tmp_path.glob("rank*.txt")) == ["2 0", "2 1"], done.stdout
