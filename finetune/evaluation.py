@@ -20,7 +20,7 @@ from finetune.data.encode import make_encoder
 from finetune.data.formats import Example
 from finetune.errors import ConfigError, DataError
 from finetune.generation import generate
-from finetune.parallelism import gather_in_order, is_main_process, my_share
+from finetune.parallelism import gather_in_order, is_first_process, my_share
 from finetune.precision import compute_dtype, inference_autocast
 from finetune.tasks import TASKS, Task
 
@@ -102,13 +102,13 @@ def perplexity(model, processor, items: list[EvalItem], max_length: int) -> floa
     """exp(mean loss) over held-out assistant tokens only (the same labels training uses)."""
     encoder = make_encoder(processor, max_length, dtype=compute_dtype(model))
     total, count = 0.0, 0
-    for item in my_share(items):
-        features = encoder.encode(item.example)
-        batch = {k: (torch.tensor([v]) if isinstance(v, list) else v).to(model.device) for k, v in features.items()}
-        tokens = int((batch["labels"][:, 1:] != -100).sum())
-        with inference_autocast(model):
+    with inference_autocast(model):
+        for item in my_share(items):
+            features = encoder.encode(item.example)
+            batch = {k: (torch.tensor([v]) if isinstance(v, list) else v).to(model.device) for k, v in features.items()}
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
             total += float(model(**batch).loss) * tokens
-        count += tokens
+            count += tokens
     shares = gather_in_order([(total, count)])
     total, count = sum(t for t, _ in shares), sum(c for _, c in shares)
     return round(float(torch.exp(torch.tensor(total / max(count, 1)))), 4)
@@ -173,7 +173,7 @@ def evaluate(target, overrides: list[str] | dict | None = None, output_dir: str 
                                  recipe.eval.batch_size, recipe.data.max_length, quiet=quiet,
                                  templates=recipe.data.templates)
     metrics["dataset"] = recipe.data.eval
-    if not is_main_process():  # under torchrun every process scored its share; one writes and prints
+    if not is_first_process():  # under torchrun every process scored its share; one writes and prints
         return metrics
     if output_dir:
         out = Path(output_dir)

@@ -45,16 +45,16 @@ def generate(model, processor, prompts: list[Prompt], max_new_tokens: int, batch
     stops = set(config.eos_token_id)
     device, dtype = model.device, compute_dtype(model)
     answers = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=quiet, unit="batch"):
-        batch = [(messages, [open_image(v, root) for v in values]) for messages, values, root in
-                 prompts[start : start + batch_size]]
-        inputs = encoder.prompt_inputs(batch)
-        inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
-        with inference_autocast(model):
+    with inference_autocast(model):
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=quiet, unit="batch"):
+            batch = [(messages, [open_image(v, root) for v in values]) for messages, values, root in
+                     prompts[start : start + batch_size]]
+            inputs = encoder.prompt_inputs(batch)
+            inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
             output = model.generate(**inputs, generation_config=config)
-        for row in output[:, inputs["input_ids"].shape[1]:].tolist():
-            text = answer_text(row, stops, encoder.tokenizer)
-            answers.append((text, any(t in stops for t in row)) if with_ends else text)
+            for row in output[:, inputs["input_ids"].shape[1]:].tolist():
+                text = answer_text(row, stops, encoder.tokenizer)
+                answers.append((text, any(t in stops for t in row)) if with_ends else text)
     return answers
 
 

@@ -161,10 +161,6 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def is_main_process() -> bool:
-    return rank_and_world()[0] == 0
-
-
 def my_share(items: list) -> list:
     """This process's contiguous slice of `items` (all of them on one process): evaluation splits its work."""
     rank, world = rank_and_world()

@@ -31,21 +31,21 @@ def eval_pairs(recipe: Recipe) -> list[PairExample]:
 @torch.no_grad()
 def image_embeddings(model, processor, images: list, batch_size: int) -> torch.Tensor:
     """One normalised row per image (each process embeds its share; every process gets all rows, in order)."""
-    chunks, images = [], my_share(images)
-    for start in range(0, len(images), batch_size):
-        batch = processor_batch(processor, None, images[start : start + batch_size])
-        with inference_autocast(model):
-            chunks.append(embed_images(model, _to(batch, model)).float().cpu())
+    chunks, images, dtype = [], my_share(images), compute_dtype(model)
+    with inference_autocast(model):
+        for start in range(0, len(images), batch_size):
+            batch = processor_batch(processor, None, images[start : start + batch_size])
+            chunks.append(embed_images(model, _to(batch, model.device, dtype)).float().cpu())
     return torch.cat(gather_in_order(chunks))
 
 
 @torch.no_grad()
 def text_embeddings(model, processor, texts: list[str], batch_size: int) -> torch.Tensor:
-    chunks, texts = [], my_share(texts)
-    for start in range(0, len(texts), batch_size):
-        batch = processor_batch(processor, texts[start : start + batch_size], None)
-        with inference_autocast(model):
-            chunks.append(embed_texts(model, _to(batch, model)).float().cpu())
+    chunks, texts, dtype = [], my_share(texts), compute_dtype(model)
+    with inference_autocast(model):
+        for start in range(0, len(texts), batch_size):
+            batch = processor_batch(processor, texts[start : start + batch_size], None)
+            chunks.append(embed_texts(model, _to(batch, model.device, dtype)).float().cpu())
     return torch.cat(gather_in_order(chunks))
 
 
@@ -108,9 +108,8 @@ def rank_labels(model, processor, image, labels: list[str], templates: list[str]
     return [(label, round(p, 4)) for label, p in ranked]
 
 
-def _to(batch, model) -> dict:
-    return {k: v.to(model.device, compute_dtype(model)) if v.is_floating_point() else v.to(model.device)
-            for k, v in batch.items()}
+def _to(batch, device, dtype) -> dict:
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in batch.items()}
 
 
 def _image_paths(example: PairExample) -> list[str]:

@@ -11,7 +11,6 @@ peft and transformers then see it as not installed, as they would on a machine w
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -59,7 +58,9 @@ def skip_bitsandbytes() -> bool:
 def skip_deepspeed_unless_needed(target: str | None, overrides: list[str] | None = None) -> bool:
     """Mark DeepSpeed absent unless the run asks for it: `train.deepspeed` in the recipe or the overrides, or an
     `accelerate launch` DeepSpeed config; True when it did."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true", "yes"):
+    from finetune.parallelism import deepspeed_stage
+
+    if deepspeed_stage() is not None:
         return False
     if target is not None:
         raw = _raw_recipe(target, overrides or [])

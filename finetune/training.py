@@ -89,8 +89,9 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
         raise ConfigError("data.train is not set: give a data file, e.g. data.train=my.jsonl")
     args = training_arguments(recipe)
     check_parallelism_request(args)
+    asked = parallelism(args)
     compare = bool(recipe.eval.before_after and recipe.data.eval)
-    if compare and parallelism(args) == "deepspeed-zero3":
+    if compare and asked == "deepspeed-zero3":
         raise ConfigError("eval.before_after under DeepSpeed ZeRO-3: the base loads already partitioned, so it cannot "
                           "generate before training; set eval.before_after=false, then `finetune eval RECIPE` and "
                           "`finetune eval RUN`")
@@ -98,7 +99,7 @@ def train(recipe: str | Path | dict | Recipe, overrides: list[str] | dict | None
     set_seed(args.seed)  # LoRA's initial weights too, so two runs of one recipe are the same run
     start_deepspeed_on_cpu(args)
     contrastive = TASKS[recipe.task].kind == "contrastive"
-    model, processor = load_model(recipe.model, distributed=parallelism(args), dual_encoder=contrastive)
+    model, processor = load_model(recipe.model, distributed=asked, dual_encoder=contrastive)
     model = fold_earlier_runs(model, recipe)  # staged training: earlier stages merged into the base
     model = attach_adapters(model, recipe.adapter, gradient_checkpointing=bool(args.activation_checkpointing))
     train_set, eval_set, collator = datasets(recipe, processor, model, progress=args.process_index == 0)
